@@ -1,0 +1,42 @@
+# Every target works on a fresh machine with Python 3.11 and pip: it builds .venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export RAY_AUTH_MODE ?= disabled
+export DS_ACCELERATOR ?= cpu
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install demo test lint format bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first: this pin takes the CPU build that lies on disk instead of a CUDA download.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/pixfleet models make-tiny --task controlnet --out outputs/tiny/controlnet
+	$(BIN)/pixfleet data fill50k --n 32 --size 64 --out outputs/fill50k
+	$(BIN)/pixfleet generate pipelines_cfg/quickstart.yaml
+
+test: $(STAMP) lint
+	$(BIN)/pytest -q --durations=10
+
+lint: $(STAMP)
+	$(BIN)/ruff check platform tests benchmarks jobs
+	$(BIN)/ruff format --check platform tests benchmarks jobs
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix platform tests benchmarks jobs
+	$(BIN)/ruff format platform tests benchmarks jobs
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/generate_throughput.py
+
+clean:
+	rm -rf outputs mlruns

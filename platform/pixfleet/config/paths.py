@@ -1,0 +1,39 @@
+"""Tell local paths from hub ids, and check that local ones exist."""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Annotated
+
+from pydantic import AfterValidator
+
+# `org/name` or `name`: what `from_pretrained` looks up on the hub when no such folder exists.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def looks_local(value: str) -> bool:
+    """True for a path meant as local: it exists, or it is written like a path, not a hub id."""
+    return os.path.exists(os.path.expanduser(value)) or not _HUB_ID.match(value)
+
+
+def require_existing(value: str) -> str:
+    """Return `value` if it is a hub id or an existing path; raise naming it otherwise."""
+    if looks_local(value) and not os.path.exists(os.path.expanduser(value)):
+        raise ValueError(f"path does not exist: {value}")
+    return value
+
+
+ModelOrPath = Annotated[str, AfterValidator(require_existing)]
+"""A hub id, or a local path that must exist."""
+
+
+def require_local(value: str) -> str:
+    """Return `value` if it is an existing local path or a remote URI (s3://...)."""
+    if "://" not in value and not os.path.exists(os.path.expanduser(value)):
+        raise ValueError(f"path does not exist: {value}")
+    return value
+
+
+ExistingPath = Annotated[str, AfterValidator(require_local)]
+"""A local file or folder that must exist, or a remote URI checked where it is read."""

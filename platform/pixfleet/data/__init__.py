@@ -1,0 +1,1 @@
+"""Data sets made locally: the synthetic fill50k circles set."""

@@ -1,0 +1,102 @@
+"""Load a ModelSpec into a ready diffusers pipeline, the way a user would by hand."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import diffusers
+import torch
+from diffusers import ControlNetModel, MultiControlNetModel
+
+from pixfleet.config.model import ModelSpec
+from pixfleet.config.paths import looks_local
+from pixfleet.models.optimizations import apply_optimizations
+from pixfleet.models.schedulers import swap_scheduler
+from pixfleet.models.tasks import task_info
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class ModelLoadError(ValueError):
+    """A model that cannot be loaded for its task; the message names the folder and the part."""
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' picks CUDA when present, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def required_components(task: str) -> list[str]:
+    """Components the base folder of `task` must hold (ControlNets come from the spec)."""
+    names = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"]
+    if task_info(task).sdxl:
+        names += ["text_encoder_2", "tokenizer_2"]
+    return names
+
+
+def check_model_folders(spec: ModelSpec) -> None:
+    """Fail fast, before any work, on a local folder that lacks what the task needs."""
+    if looks_local(spec.base_model):
+        index_path = os.path.join(os.path.expanduser(spec.base_model), "model_index.json")
+        if not os.path.isfile(index_path):
+            raise ModelLoadError(
+                f"{spec.base_model}: no model_index.json (not a diffusers pipeline)"
+            )
+        with open(index_path) as f:
+            index = json.load(f)
+        missing = [
+            name for name in required_components(spec.task) if not index.get(name, [None])[0]
+        ]
+        if missing:
+            raise ModelLoadError(
+                f"{spec.base_model}: task {spec.task!r} needs component(s) {', '.join(missing)}"
+            )
+        if spec.task.endswith("pix2pix") and _unet_in_channels(spec.base_model) != 8:
+            raise ModelLoadError(f"{spec.base_model}: task {spec.task!r} needs an 8-channel UNet")
+    for path in spec.controlnets:
+        if looks_local(path) and not os.path.isfile(
+            os.path.join(os.path.expanduser(path), "config.json")
+        ):
+            raise ModelLoadError(f"{path}: no config.json (not a ControlNet folder)")
+
+
+def _unet_in_channels(folder: str) -> int | None:
+    config_path = os.path.join(os.path.expanduser(folder), "unet", "config.json")
+    if not os.path.isfile(config_path):
+        return None
+    with open(config_path) as f:
+        return json.load(f).get("in_channels")
+
+
+def load_pipeline(spec: ModelSpec) -> diffusers.DiffusionPipeline:
+    """Load `spec` through `from_pretrained`, then apply scheduler, switches and adapters."""
+    check_model_folders(spec)
+    info = task_info(spec.task)
+    load_kwargs = {
+        "dtype": _DTYPES[spec.dtype],
+        "use_safetensors": spec.use_safetensors,
+        "variant": spec.variant,
+        "revision": spec.revision,
+    }
+    pipe_kwargs = {}
+    if info.uses_controlnet:
+        controlnets = [ControlNetModel.from_pretrained(p, **load_kwargs) for p in spec.controlnets]
+        pipe_kwargs["controlnet"] = (
+            controlnets[0] if len(controlnets) == 1 else MultiControlNetModel(controlnets)
+        )
+    pipe = info.pipeline_class.from_pretrained(spec.base_model, **load_kwargs, **pipe_kwargs)
+
+    if spec.scheduler is not None:
+        swap_scheduler(pipe, spec.scheduler)
+    if spec.loras:
+        adapters = [lora.adapter_name or f"lora_{i}" for i, lora in enumerate(spec.loras)]
+        for lora, adapter in zip(spec.loras, adapters, strict=True):
+            pipe.load_lora_weights(lora.path, weight_name=lora.weight_name, adapter_name=adapter)
+        pipe.set_adapters(adapters, adapter_weights=[lora.scale for lora in spec.loras])
+    for embedding in spec.textual_inversions:
+        pipe.load_textual_inversion(embedding.path, token=embedding.token)
+    apply_optimizations(pipe, spec.optimizations, resolve_device(spec.device))
+    return pipe

@@ -1,0 +1,153 @@
+"""Tiny random pipelines of every task, saved with `save_pretrained`.
+
+Tests and the demo load these through the same `from_pretrained` path as a hub model.
+Widths follow diffusers' own fast tests; each component is seeded before it is built.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    ControlNetModel,
+    DDIMScheduler,
+    MultiControlNetModel,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from pixfleet.models.tasks import task_info
+from pixfleet.models.tokenizer import write_byte_level_tokenizer
+
+_OPTIONAL_COMPONENTS = {
+    "safety_checker": None,
+    "feature_extractor": None,
+    "image_encoder": None,
+    "requires_safety_checker": False,
+    "add_watermarker": False,
+}
+TEXT_HIDDEN = 32
+TIME_EMBED_DIM = 8
+
+
+def _text_config(vocab_size: int, bos: int, eos: int) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=TEXT_HIDDEN,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=TEXT_HIDDEN,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=eos,
+    )
+
+
+def _unet(in_channels: int, sdxl: bool) -> UNet2DConditionModel:
+    kwargs = {}
+    if sdxl:
+        kwargs = {
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": TIME_EMBED_DIM,
+            # 6 micro-conditioning ids (sizes, crop, target) + the pooled text embedding.
+            "projection_class_embeddings_input_dim": 6 * TIME_EMBED_DIM + TEXT_HIDDEN,
+            "use_linear_projection": True,
+        }
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=32,
+        in_channels=in_channels,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=TEXT_HIDDEN * (2 if sdxl else 1),
+        attention_head_dim=(2, 4),
+        **kwargs,
+    )
+
+
+def _randomize_zero_convs(controlnet: ControlNetModel) -> None:
+    """Give the zero-initialised output convs random weights, so control maps change images.
+
+    A freshly initialised ControlNet adds exactly nothing to the UNet; a tiny test model
+    whose control input has no effect would let control-path bugs pass unseen.
+    """
+    zero_convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]
+    with torch.no_grad():
+        for conv in zero_convs:
+            torch.nn.init.normal_(conv.weight, std=0.1)
+
+
+def tiny_components(task: str, num_controlnets: int = 1, seed: int = 0) -> dict:
+    """The keyword arguments of `TASKS[task].pipeline_class(...)`, all tiny and seeded."""
+    info = task_info(task)
+    tokenizer_dir = Path.home() / ".cache" / "pixfleet" / "byte_level_tokenizer"
+    tokenizer = write_byte_level_tokenizer(tokenizer_dir)
+    text_config = _text_config(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+
+    torch.manual_seed(seed)
+    unet = _unet(in_channels=8 if not info.uses_controlnet else 4, sdxl=info.sdxl)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+    )
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(text_config)
+    components = {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "scheduler": DDIMScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            clip_sample=False,
+            set_alpha_to_one=False,
+        ),
+    }
+    if info.sdxl:
+        torch.manual_seed(seed)
+        components["text_encoder_2"] = CLIPTextModelWithProjection(text_config)
+        components["tokenizer_2"] = tokenizer
+    if info.uses_controlnet:
+        controlnets = []
+        for i in range(num_controlnets):
+            torch.manual_seed(seed + i)
+            # The default embedding downsamples x8; the tiny VAE's scale factor is 2.
+            controlnet = ControlNetModel.from_unet(
+                unet, conditioning_embedding_out_channels=(16, 32)
+            )
+            _randomize_zero_convs(controlnet)
+            controlnets.append(controlnet)
+        components["controlnet"] = (
+            controlnets[0] if num_controlnets == 1 else MultiControlNetModel(controlnets)
+        )
+    return components
+
+
+def make_tiny_pipeline(task: str, out_dir: str | Path, num_controlnets: int = 1, seed: int = 0):
+    """Build a tiny pipeline of `task`, save it to `out_dir` and return it."""
+    info = task_info(task)
+    if num_controlnets < 1 or (num_controlnets > 1 and not info.uses_controlnet):
+        raise ValueError(
+            f"task {task!r} takes {'1+' if info.uses_controlnet else 'no'} controlnets"
+        )
+    components = tiny_components(task, num_controlnets, seed)
+    # Optional parts (safety checker, image encoder, watermarker) are left out.
+    accepted = inspect.signature(info.pipeline_class.__init__).parameters
+    optional = {name: value for name, value in _OPTIONAL_COMPONENTS.items() if name in accepted}
+    pipe = info.pipeline_class(**components, **optional)
+    pipe.save_pretrained(out_dir)
+    return pipe

@@ -1,0 +1,130 @@
+"""Every shipped YAML validates; bad configs fail with one line naming the file and field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pixfleet.config import ConfigError, GenerationJobConfig, load_config
+
+PIPELINES_CFG = Path(__file__).resolve().parents[2] / "pipelines_cfg"
+GENERATION_YAMLS = sorted(p for p in PIPELINES_CFG.glob("*.yaml") if not p.name.startswith("train"))
+
+
+def test_the_seed_pipelines_are_shipped():
+    names = {p.stem for p in GENERATION_YAMLS}
+    assert {
+        "quickstart",
+        "sd15_canny",
+        "sd15_controlnet_img2img",
+        "sd15_controlnet_inpaint",
+        "sdxl_multicontrolnet",
+        "pix2pix_edit",
+        "sdxl_pix2pix",
+    } <= names
+
+
+@pytest.mark.parametrize("path", GENERATION_YAMLS, ids=lambda p: p.stem)
+def test_every_pipeline_yaml_validates(project_dir, monkeypatch, path):
+    monkeypatch.chdir(project_dir)
+    job = load_config(GenerationJobConfig, path)
+    assert job.name == path.stem
+    assert job.model.task in path.read_text()
+
+
+def test_multicontrolnet_yaml_carries_one_scale_per_controlnet(project_dir, monkeypatch):
+    monkeypatch.chdir(project_dir)
+    job = load_config(GenerationJobConfig, PIPELINES_CFG / "sdxl_multicontrolnet.yaml")
+    assert job.model.num_controlnets == 2
+    assert job.params.controlnet_conditioning_scale == [1.0, 0.8]
+
+
+def _write(tmp_path, project_dir, edit) -> Path:
+    data = yaml.safe_load((PIPELINES_CFG / "quickstart.yaml").read_text())
+    data["model"]["base_model"] = str(project_dir / "outputs/tiny/controlnet")
+    data["model"]["controlnets"] = [str(project_dir / "outputs/tiny/controlnet/controlnet")]
+    data["source"]["path"] = str(project_dir / "outputs/fill50k")
+    edit(data)
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d["model"].update(bogus=1), r"field 'model\.bogus': unknown key"),
+        (
+            lambda d: d["params"].update(num_inference_steps="many"),
+            r"field 'params\.num_inference_steps': Input should be a valid integer",
+        ),
+        (
+            lambda d: d["model"].update(base_model="./no/such/folder"),
+            r"field 'model\.base_model': path does not exist: \./no/such/folder",
+        ),
+        (
+            lambda d: d["source"].update(path="/no/such/data"),
+            r"field 'source\.path': path does not exist: /no/such/data",
+        ),
+        (lambda d: d["model"].update(task="txt2video"), r"field 'model\.task': Input should be"),
+        (
+            lambda d: d["params"].update(controlnet_conditioning_scale=[1.0, 0.5]),
+            r"controlnet_conditioning_scale has 2 values for 1 controlnet",
+        ),
+        (
+            lambda d: d["model"].update(controlnets=[]),
+            r"field 'model': task 'controlnet' needs at least one entry in 'controlnets'",
+        ),
+        (
+            lambda d: d["preprocess"].update(width=65),
+            r"field 'preprocess\.width': must be a multiple of 8",
+        ),
+    ],
+)
+def test_bad_config_names_file_and_field(tmp_path, project_dir, edit, message):
+    path = _write(tmp_path, project_dir, edit)
+    with pytest.raises(ConfigError, match=message) as error:
+        load_config(GenerationJobConfig, path)
+    assert str(error.value).startswith(str(path))
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"config file not found: .*nope\.yaml"):
+        load_config(GenerationJobConfig, tmp_path / "nope.yaml")
+
+
+def test_set_overrides_parse_values_as_yaml(tmp_path, project_dir):
+    path = _write(tmp_path, project_dir, lambda d: None)
+    job = load_config(
+        GenerationJobConfig,
+        path,
+        ["params.num_inference_steps=7", "params.guess_mode=true", "sink.image_format=webp"],
+    )
+    assert job.params.num_inference_steps == 7
+    assert job.params.guess_mode is True
+    assert job.sink.image_format == "webp"
+
+
+def test_set_override_of_unknown_key_is_refused(tmp_path, project_dir):
+    path = _write(tmp_path, project_dir, lambda d: None)
+    with pytest.raises(ConfigError, match=r"field 'params\.stepz': unknown key"):
+        load_config(GenerationJobConfig, path, ["params.stepz=3"])
+
+
+def test_every_field_is_documented():
+    from pydantic import BaseModel
+
+    seen, pending = set(), [GenerationJobConfig]
+    while pending:
+        model = pending.pop()
+        if model in seen:
+            continue
+        seen.add(model)
+        for name, field in model.model_fields.items():
+            assert field.description, f"{model.__name__}.{name} has no description"
+            for arg in getattr(field.annotation, "__args__", (field.annotation,)):
+                inner = getattr(arg, "__args__", (arg,))
+                pending += [t for t in inner if isinstance(t, type) and issubclass(t, BaseModel)]
+    assert len(seen) >= 10

@@ -1,0 +1,170 @@
+"""Every task loads through from_pretrained and generates; schedulers and switches apply."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from pixfleet.config import FreeUConfig, OptimizationConfig
+from pixfleet.models.loading import ModelLoadError, check_model_folders, load_pipeline
+from pixfleet.models.schedulers import SCHEDULERS
+from pixfleet.models.tasks import TASKS
+from tests.helpers import call_tiny, tiny_spec
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_every_task_reloads_and_generates_requested_size(tiny_dir, task):
+    pipe = load_pipeline(tiny_spec(tiny_dir, task))
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe).__name__ == TASKS[task].pipeline_class_name
+
+    images = call_tiny(pipe, task, ["a red circle", "a blue square"], seeds=[1, 2], size=(48, 64))
+
+    assert images.shape == (2, 64, 48, 3)
+    assert images.std() > 0
+    assert not np.array_equal(images[0], images[1])
+
+
+def test_multi_controlnet_applies_each_scale(tiny_dir):
+    pipe = load_pipeline(tiny_spec(tiny_dir, "sdxl_controlnet"))
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe.controlnet).__name__ == "MultiControlNetModel"
+    assert len(pipe.controlnet.nets) == 2
+
+    def run(scales):
+        return call_tiny(pipe, "sdxl_controlnet", ["x"], [3], controlnet_conditioning_scale=scales)
+
+    both, first_only = run([1.0, 0.8]), run([1.0, 0.0])
+    assert both.shape == (1, 64, 64, 3)
+    assert np.abs(both.astype(int) - first_only).mean() > 0.5
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_every_scheduler_swaps_by_name_and_keeps_noise_schedule(tiny_dir, name):
+    pipe = load_pipeline(tiny_spec(tiny_dir, "controlnet", scheduler=name))
+    pipe.set_progress_bar_config(disable=True)
+
+    assert type(pipe.scheduler) is SCHEDULERS[name][0]
+    assert pipe.scheduler.config.beta_schedule == "scaled_linear"
+    images = call_tiny(pipe, "controlnet", ["x"], [0])
+    assert images.shape == (1, 64, 64, 3)
+
+
+def _generate(tiny_dir, **optimizations):
+    spec = tiny_spec(tiny_dir, "controlnet", optimizations=OptimizationConfig(**optimizations))
+    pipe = load_pipeline(spec)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, call_tiny(pipe, "controlnet", ["a", "b"], [5, 6]).astype(int)
+
+
+def test_slicing_switches_keep_the_output(tiny_dir):
+    _, reference = _generate(tiny_dir)
+    for switch in ("attention_slicing", "vae_slicing"):
+        _, images = _generate(tiny_dir, **{switch: True})
+        assert np.abs(images - reference).max() <= 1, switch
+
+
+def test_vae_tiling_decodes_in_tiles(tiny_dir):
+    # The tiny VAE's tiles are 32 px, so a 64 px image is decoded as blended tiles.
+    _, reference = _generate(tiny_dir)
+    pipe, images = _generate(tiny_dir, vae_tiling=True)
+    assert pipe.vae.use_tiling
+    assert 0 < np.abs(images - reference).mean() < 20
+
+
+def test_freeu_changes_the_output(tiny_dir):
+    _, reference = _generate(tiny_dir)
+    _, images = _generate(tiny_dir, freeu=FreeUConfig())
+    assert np.abs(images - reference).mean() > 1
+
+
+def test_compile_unet_wraps_the_unet(tiny_dir):
+    pipe, _ = _generate(tiny_dir)
+    spec = tiny_spec(tiny_dir, "controlnet", optimizations=OptimizationConfig(compile_unet=True))
+    compiled = load_pipeline(spec)
+    assert isinstance(compiled.unet, torch._dynamo.eval_frame.OptimizedModule)
+    assert not isinstance(pipe.unet, torch._dynamo.eval_frame.OptimizedModule)
+
+
+@pytest.mark.parametrize(
+    ("switches", "message"),
+    [
+        ({"model_cpu_offload": True}, "model_cpu_offload needs an accelerator"),
+        ({"attention_backend": "xformers"}, "'xformers' needs xformers and CUDA"),
+    ],
+)
+def test_accelerator_only_switches_fail_clearly_on_cpu(tiny_dir, switches, message):
+    spec = tiny_spec(tiny_dir, "controlnet", optimizations=OptimizationConfig(**switches))
+    with pytest.raises(ValueError, match=message):
+        load_pipeline(spec)
+
+
+def test_lora_weights_load_and_change_the_output(tiny_dir, tmp_path):
+    from diffusers import StableDiffusionControlNetPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig as PeftLoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from pixfleet.config import LoraConfig
+
+    pipe, reference = _generate(tiny_dir)
+    torch.manual_seed(0)
+    pipe.unet.add_adapter(
+        PeftLoraConfig(r=4, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False)
+    )
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
+    StableDiffusionControlNetPipeline.save_lora_weights(tmp_path, unet_lora_layers=layers)
+
+    spec = tiny_spec(tiny_dir, "controlnet", loras=[LoraConfig(path=str(tmp_path), scale=1.0)])
+    with_lora = load_pipeline(spec)
+    with_lora.set_progress_bar_config(disable=True)
+    assert with_lora.get_active_adapters() == ["lora_0"]
+    images = call_tiny(with_lora, "controlnet", ["a", "b"], [5, 6]).astype(int)
+    assert np.abs(images - reference).mean() > 1
+
+
+def test_textual_inversion_adds_a_token(tiny_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    from pixfleet.config import TextualInversionConfig
+
+    torch.manual_seed(0)
+    vector = torch.randn(1, 32)
+    save_file({"emb_params": vector}, tmp_path / "learned_embeds.safetensors")
+    inversion = TextualInversionConfig(
+        path=str(tmp_path / "learned_embeds.safetensors"), token="<circle-style>"
+    )
+    pipe = load_pipeline(tiny_spec(tiny_dir, "controlnet", textual_inversions=[inversion]))
+
+    token_id = pipe.tokenizer.convert_tokens_to_ids("<circle-style>")
+    assert token_id >= 514
+    embedding = pipe.text_encoder.get_input_embeddings().weight[token_id].detach()
+    torch.testing.assert_close(embedding, vector[0])
+
+
+def test_folder_missing_a_component_fails_before_loading(tiny_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dir / "controlnet", broken)
+    index = json.loads((broken / "model_index.json").read_text())
+    index["text_encoder"] = [None, None]
+    (broken / "model_index.json").write_text(json.dumps(index))
+    spec = tiny_spec(tiny_dir, "controlnet").model_copy(update={"base_model": str(broken)})
+
+    with pytest.raises(
+        ModelLoadError, match=r"broken: task 'controlnet' needs component\(s\) text_encoder"
+    ):
+        check_model_folders(spec)
+
+
+def test_pix2pix_task_refuses_a_four_channel_unet(tiny_dir):
+    spec = tiny_spec(tiny_dir, "pix2pix").model_copy(
+        update={"base_model": str(tiny_dir / "controlnet")}
+    )
+    with pytest.raises(ModelLoadError, match="needs an 8-channel UNet"):
+        check_model_folders(spec)
