@@ -17,9 +17,7 @@ def tiny_spec(tiny_dir: Path, task: str, **overrides) -> ModelSpec:
     """A ModelSpec of the tiny `task` pipeline saved under `tiny_dir`."""
     names = ["controlnet", "controlnet_1"] if task in MULTI_CONTROLNET_TASKS else ["controlnet"]
     controlnets = [str(tiny_dir / task / n) for n in names] if TASKS[task].uses_controlnet else []
-    return ModelSpec(
-        task=task, base_model=str(tiny_dir / task), controlnets=controlnets, **overrides
-    )
+    return ModelSpec(task=task, base_model=str(tiny_dir / task), controlnets=controlnets, **overrides)
 
 
 def random_image(seed: int, size: tuple[int, int] = (64, 64)) -> Image.Image:

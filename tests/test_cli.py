@@ -12,9 +12,7 @@ runner = CliRunner()
 
 
 def test_make_tiny_writes_a_loadable_pipeline(tmp_path):
-    result = runner.invoke(
-        app, ["models", "make-tiny", "--task", "pix2pix", "--out", str(tmp_path / "p")]
-    )
+    result = runner.invoke(app, ["models", "make-tiny", "--task", "pix2pix", "--out", str(tmp_path / "p")])
     assert result.exit_code == 0, result.output
     index = json.loads((tmp_path / "p" / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionInstructPix2PixPipeline"
@@ -27,9 +25,7 @@ def test_make_tiny_unknown_task_is_one_clear_line(tmp_path):
 
 
 def test_fill50k_command(tmp_path):
-    result = runner.invoke(
-        app, ["data", "fill50k", "--n", "3", "--size", "16", "--out", str(tmp_path)]
-    )
+    result = runner.invoke(app, ["data", "fill50k", "--n", "3", "--size", "16", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert len((tmp_path / "metadata.jsonl").read_text().splitlines()) == 3
 

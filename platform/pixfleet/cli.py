@@ -16,9 +16,7 @@ data_app = typer.Typer(help="Data set utilities.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
 
-SetOption = Annotated[
-    list[str] | None, typer.Option("--set", help="Override a config field: a.b=value.")
-]
+SetOption = Annotated[list[str] | None, typer.Option("--set", help="Override a config field: a.b=value.")]
 AddressOption = Annotated[
     str | None,
     typer.Option(help="Ray cluster address; unset uses $RAY_ADDRESS or an embedded local Ray."),

@@ -38,10 +38,7 @@ def test_loads_with_datasets_in_the_training_layout(tmp_path):
 
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path):
-    a, b, c = (
-        make_fill50k(tmp_path / name, n=4, size=32, seed=s)
-        for name, s in [("a", 1), ("b", 1), ("c", 2)]
-    )
+    a, b, c = (make_fill50k(tmp_path / name, n=4, size=32, seed=s) for name, s in [("a", 1), ("b", 1), ("c", 2)])
     assert _digest(a) == _digest(b)
     assert _digest(a) != _digest(c)
 

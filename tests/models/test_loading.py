@@ -115,9 +115,7 @@ def test_lora_weights_load_and_change_the_output(tiny_dir, tmp_path):
 
     pipe, reference = _generate(tiny_dir)
     torch.manual_seed(0)
-    pipe.unet.add_adapter(
-        PeftLoraConfig(r=4, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False)
-    )
+    pipe.unet.add_adapter(PeftLoraConfig(r=4, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False))
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
     StableDiffusionControlNetPipeline.save_lora_weights(tmp_path, unet_lora_layers=layers)
 
@@ -137,9 +135,7 @@ def test_textual_inversion_adds_a_token(tiny_dir, tmp_path):
     torch.manual_seed(0)
     vector = torch.randn(1, 32)
     save_file({"emb_params": vector}, tmp_path / "learned_embeds.safetensors")
-    inversion = TextualInversionConfig(
-        path=str(tmp_path / "learned_embeds.safetensors"), token="<circle-style>"
-    )
+    inversion = TextualInversionConfig(path=str(tmp_path / "learned_embeds.safetensors"), token="<circle-style>")
     pipe = load_pipeline(tiny_spec(tiny_dir, "controlnet", textual_inversions=[inversion]))
 
     token_id = pipe.tokenizer.convert_tokens_to_ids("<circle-style>")
@@ -156,15 +152,11 @@ def test_folder_missing_a_component_fails_before_loading(tiny_dir, tmp_path):
     (broken / "model_index.json").write_text(json.dumps(index))
     spec = tiny_spec(tiny_dir, "controlnet").model_copy(update={"base_model": str(broken)})
 
-    with pytest.raises(
-        ModelLoadError, match=r"broken: task 'controlnet' needs component\(s\) text_encoder"
-    ):
+    with pytest.raises(ModelLoadError, match=r"broken: task 'controlnet' needs component\(s\) text_encoder"):
         check_model_folders(spec)
 
 
 def test_pix2pix_task_refuses_a_four_channel_unet(tiny_dir):
-    spec = tiny_spec(tiny_dir, "pix2pix").model_copy(
-        update={"base_model": str(tiny_dir / "controlnet")}
-    )
+    spec = tiny_spec(tiny_dir, "pix2pix").model_copy(update={"base_model": str(tiny_dir / "controlnet")})
     with pytest.raises(ModelLoadError, match="needs an 8-channel UNet"):
         check_model_folders(spec)

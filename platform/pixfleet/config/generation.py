@@ -20,18 +20,14 @@ class SourceConfig(StrictModel):
     format: Literal["auto", "folder", "manifest", "hf_dataset", "webdataset"] = Field(
         "auto", description="How to read `path`; 'auto' infers it from what is there."
     )
-    path: ExistingPath = Field(
-        description="Folder, manifest file (.jsonl/.csv/.parquet) or shard folder."
-    )
+    path: ExistingPath = Field(description="Folder, manifest file (.jsonl/.csv/.parquet) or shard folder.")
     id_column: str | None = Field(None, description="Column with stable row ids; hashed if unset.")
     prompt_column: str = Field("text", description="Column with the prompt (or instruction).")
     control_columns: list[str] = Field(
         default_factory=lambda: ["conditioning_image"],
         description="Image column(s) feeding the ControlNet(s); one is reused for all if single.",
     )
-    source_image_column: str = Field(
-        "image", description="Image column edited by img2img, inpaint and pix2pix."
-    )
+    source_image_column: str = Field("image", description="Image column edited by img2img, inpaint and pix2pix.")
     mask_column: str = Field("mask", description="Mask image column for inpaint (white = repaint).")
     limit: int | None = Field(None, ge=1, description="Read at most this many rows.")
 
@@ -78,9 +74,7 @@ class GenerationParams(StrictModel):
     negative_prompt: str | None = Field(None, description="Negative prompt.")
     num_inference_steps: int = Field(30, ge=1, le=1000, description="Denoising steps.")
     guidance_scale: float = Field(7.5, ge=0, description="Classifier-free guidance scale.")
-    image_guidance_scale: float = Field(
-        1.5, ge=0, description="Pull towards the source image (pix2pix)."
-    )
+    image_guidance_scale: float = Field(1.5, ge=0, description="Pull towards the source image (pix2pix).")
     strength: float = Field(
         0.8, gt=0, le=1, description="How much of the source image is re-noised (img2img, inpaint)."
     )
@@ -91,13 +85,9 @@ class GenerationParams(StrictModel):
     control_guidance_start: FloatOrList = Field(
         0.0, description="Fraction of steps at which ControlNet starts applying."
     )
-    control_guidance_end: FloatOrList = Field(
-        1.0, description="Fraction of steps at which ControlNet stops applying."
-    )
+    control_guidance_end: FloatOrList = Field(1.0, description="Fraction of steps at which ControlNet stops applying.")
     num_images_per_prompt: int = Field(1, ge=1, le=16, description="Images generated per row.")
-    seed: int | None = Field(
-        None, description="Same seed for every row; unset derives one per row from the job seed."
-    )
+    seed: int | None = Field(None, description="Same seed for every row; unset derives one per row from the job seed.")
 
 
 class SinkConfig(StrictModel):
@@ -116,6 +106,9 @@ class ResourcesConfig(StrictModel):
         0.0, ge=0, description="GPUs per generation actor: 0 on CPU, 1 or a fraction on GPU."
     )
     num_cpus_per_actor: float = Field(1.0, gt=0, description="CPUs per generation actor.")
+    torch_threads: int | None = Field(
+        None, ge=1, description="OMP threads per generation actor; unset lets Ray use its CPUs."
+    )
     min_actors: int = Field(1, ge=1, description="Fewest generation actors.")
     max_actors: int = Field(1, ge=1, description="Most generation actors (autoscaled between).")
     preprocess_actors: int = Field(1, ge=1, description="Preprocessing actors.")
@@ -136,16 +129,10 @@ class GenerationJobConfig(StrictModel):
     name: str = Field("generate", description="Job name, used for the MLflow run.")
     model: ModelSpec = Field(description="The pipeline to run.")
     source: SourceConfig = Field(description="Input rows.")
-    preprocess: PreprocessConfig = Field(
-        default_factory=PreprocessConfig, description="CPU preprocessing."
-    )
-    params: GenerationParams = Field(
-        default_factory=GenerationParams, description="Per-row parameter defaults."
-    )
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig, description="CPU preprocessing.")
+    params: GenerationParams = Field(default_factory=GenerationParams, description="Per-row parameter defaults.")
     sink: SinkConfig = Field(default_factory=SinkConfig, description="Output.")
-    resources: ResourcesConfig = Field(
-        default_factory=ResourcesConfig, description="Ray resources."
-    )
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Ray resources.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow.")
     seed: int = Field(0, description="Job seed; each row's seed derives from it and the row id.")
     max_failed_fraction: float = Field(
@@ -164,7 +151,5 @@ class GenerationJobConfig(StrictModel):
             if isinstance(value, list) and len(value) != n:
                 raise ValueError(f"params.{name} has {len(value)} values for {n} controlnet(s)")
         if n and len(self.preprocess.control) not in (1, n):
-            raise ValueError(
-                f"preprocess.control has {len(self.preprocess.control)} entries for {n} controlnets"
-            )
+            raise ValueError(f"preprocess.control has {len(self.preprocess.control)} entries for {n} controlnets")
         return self

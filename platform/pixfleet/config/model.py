@@ -45,9 +45,7 @@ class OptimizationConfig(StrictModel):
     vae_slicing: bool = Field(False, description="Decode a batch one image at a time.")
     vae_tiling: bool = Field(False, description="Decode large images in overlapping tiles.")
     freeu: FreeUConfig | None = Field(None, description="Enable FreeU with these factors.")
-    model_cpu_offload: bool = Field(
-        False, description="Keep each model on CPU until it runs (needs an accelerator)."
-    )
+    model_cpu_offload: bool = Field(False, description="Keep each model on CPU until it runs (needs an accelerator).")
     attention_backend: Literal["auto", "sdpa", "xformers"] = Field(
         "auto", description="xformers when installed under 'auto', else PyTorch SDPA."
     )
@@ -67,12 +65,8 @@ class ModelSpec(StrictModel):
         description="Hub ids or local folders of the ControlNets; 2+ make a multi-ControlNet.",
     )
     scheduler: SchedulerName | None = Field(None, description="Swap the scheduler by name.")
-    dtype: Literal["float32", "float16", "bfloat16"] = Field(
-        "float32", description="torch_dtype the weights load in."
-    )
-    device: str = Field(
-        "auto", description="'auto' (cuda if present, else cpu), 'cpu', 'cuda:0'..."
-    )
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="torch_dtype the weights load in.")
+    device: str = Field("auto", description="'auto' (cuda if present, else cpu), 'cpu', 'cuda:0'...")
     variant: str | None = Field(None, description="Weight variant to load, e.g. 'fp16'.")
     use_safetensors: bool | None = Field(None, description="Require safetensors weights if true.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")

@@ -42,24 +42,16 @@ def check_model_folders(spec: ModelSpec) -> None:
     if looks_local(spec.base_model):
         index_path = os.path.join(os.path.expanduser(spec.base_model), "model_index.json")
         if not os.path.isfile(index_path):
-            raise ModelLoadError(
-                f"{spec.base_model}: no model_index.json (not a diffusers pipeline)"
-            )
+            raise ModelLoadError(f"{spec.base_model}: no model_index.json (not a diffusers pipeline)")
         with open(index_path) as f:
             index = json.load(f)
-        missing = [
-            name for name in required_components(spec.task) if not index.get(name, [None])[0]
-        ]
+        missing = [name for name in required_components(spec.task) if not index.get(name, [None])[0]]
         if missing:
-            raise ModelLoadError(
-                f"{spec.base_model}: task {spec.task!r} needs component(s) {', '.join(missing)}"
-            )
+            raise ModelLoadError(f"{spec.base_model}: task {spec.task!r} needs component(s) {', '.join(missing)}")
         if spec.task.endswith("pix2pix") and _unet_in_channels(spec.base_model) != 8:
             raise ModelLoadError(f"{spec.base_model}: task {spec.task!r} needs an 8-channel UNet")
     for path in spec.controlnets:
-        if looks_local(path) and not os.path.isfile(
-            os.path.join(os.path.expanduser(path), "config.json")
-        ):
+        if looks_local(path) and not os.path.isfile(os.path.join(os.path.expanduser(path), "config.json")):
             raise ModelLoadError(f"{path}: no config.json (not a ControlNet folder)")
 
 
@@ -84,9 +76,7 @@ def load_pipeline(spec: ModelSpec) -> diffusers.DiffusionPipeline:
     pipe_kwargs = {}
     if info.uses_controlnet:
         controlnets = [ControlNetModel.from_pretrained(p, **load_kwargs) for p in spec.controlnets]
-        pipe_kwargs["controlnet"] = (
-            controlnets[0] if len(controlnets) == 1 else MultiControlNetModel(controlnets)
-        )
+        pipe_kwargs["controlnet"] = controlnets[0] if len(controlnets) == 1 else MultiControlNetModel(controlnets)
     pipe = info.pipeline_class.from_pretrained(spec.base_model, **load_kwargs, **pipe_kwargs)
 
     if spec.scheduler is not None:

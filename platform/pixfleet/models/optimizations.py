@@ -10,9 +10,7 @@ import torch
 from pixfleet.config.model import OptimizationConfig
 
 
-def apply_optimizations(
-    pipe: diffusers.DiffusionPipeline, options: OptimizationConfig, device: torch.device
-) -> None:
+def apply_optimizations(pipe: diffusers.DiffusionPipeline, options: OptimizationConfig, device: torch.device) -> None:
     """Move `pipe` to `device` (or set up CPU offload) and turn on the requested switches."""
     if options.model_cpu_offload:
         if device.type == "cpu":

@@ -34,12 +34,8 @@ class TaskInfo:
 
 TASKS: dict[str, TaskInfo] = {
     "controlnet": TaskInfo("StableDiffusionControlNetPipeline", False, True, False, False),
-    "controlnet_img2img": TaskInfo(
-        "StableDiffusionControlNetImg2ImgPipeline", False, True, True, False
-    ),
-    "controlnet_inpaint": TaskInfo(
-        "StableDiffusionControlNetInpaintPipeline", False, True, True, True
-    ),
+    "controlnet_img2img": TaskInfo("StableDiffusionControlNetImg2ImgPipeline", False, True, True, False),
+    "controlnet_inpaint": TaskInfo("StableDiffusionControlNetInpaintPipeline", False, True, True, True),
     "sdxl_controlnet": TaskInfo("StableDiffusionXLControlNetPipeline", True, True, False, False),
     "pix2pix": TaskInfo("StableDiffusionInstructPix2PixPipeline", False, False, True, False),
     "sdxl_pix2pix": TaskInfo("StableDiffusionXLInstructPix2PixPipeline", True, False, True, False),

@@ -126,14 +126,10 @@ def tiny_components(task: str, num_controlnets: int = 1, seed: int = 0) -> dict:
         for i in range(num_controlnets):
             torch.manual_seed(seed + i)
             # The default embedding downsamples x8; the tiny VAE's scale factor is 2.
-            controlnet = ControlNetModel.from_unet(
-                unet, conditioning_embedding_out_channels=(16, 32)
-            )
+            controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
             _randomize_zero_convs(controlnet)
             controlnets.append(controlnet)
-        components["controlnet"] = (
-            controlnets[0] if num_controlnets == 1 else MultiControlNetModel(controlnets)
-        )
+        components["controlnet"] = controlnets[0] if num_controlnets == 1 else MultiControlNetModel(controlnets)
     return components
 
 
@@ -141,9 +137,7 @@ def make_tiny_pipeline(task: str, out_dir: str | Path, num_controlnets: int = 1,
     """Build a tiny pipeline of `task`, save it to `out_dir` and return it."""
     info = task_info(task)
     if num_controlnets < 1 or (num_controlnets > 1 and not info.uses_controlnet):
-        raise ValueError(
-            f"task {task!r} takes {'1+' if info.uses_controlnet else 'no'} controlnets"
-        )
+        raise ValueError(f"task {task!r} takes {'1+' if info.uses_controlnet else 'no'} controlnets")
     components = tiny_components(task, num_controlnets, seed)
     # Optional parts (safety checker, image encoder, watermarker) are left out.
     accepted = inspect.signature(info.pipeline_class.__init__).parameters

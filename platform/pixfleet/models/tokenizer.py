@@ -19,9 +19,7 @@ MODEL_MAX_LENGTH = 77
 def _bytes_to_unicode() -> list[str]:
     """CLIP's reversible byte -> printable unicode map, in byte order."""
     printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     )
     chars = {b: chr(b) for b in printable}
     extra = 0

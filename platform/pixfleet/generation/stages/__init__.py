@@ -1,0 +1,1 @@
+"""One module per stage; each declares the columns it needs and adds (see `columns`)."""

@@ -1,0 +1,91 @@
+"""MLflow: one run per job, ended FAILED or KILLED (never left RUNNING) when interrupted."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from pixfleet.config import TrackingConfig
+
+DEFAULT_STORE = Path("mlruns")
+_MLFLOW_PARAM_LIMIT = 6000
+
+
+class JobInterrupted(KeyboardInterrupt):
+    """SIGTERM, turned into an exception so runs end cleanly (like Ctrl-C)."""
+
+
+def tracking_uri(config: TrackingConfig) -> str:
+    """Config, else $MLFLOW_TRACKING_URI, else a local sqlite store in ./mlruns."""
+    if config.tracking_uri:
+        return config.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    DEFAULT_STORE.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(DEFAULT_STORE / 'mlflow.db').resolve()}"
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config -> {'a.b': 'value'} as MLflow params (values cut at MLflow's limit)."""
+    flat = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            text = value if isinstance(value, str) else json.dumps(value)
+            flat[name] = text[:_MLFLOW_PARAM_LIMIT]
+    return flat
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise JobInterrupted(f"received signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def mlflow_run(config: TrackingConfig, run_name: str, params: Mapping[str, Any]) -> Iterator[Any]:
+    """Open a run with `params`; yields the mlflow module (or None when tracking is off)."""
+    if not config.enabled:
+        with _sigterm_raises():
+            yield None
+        return
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(config))
+    if mlflow.get_experiment_by_name(config.experiment) is None:
+        artifacts = None
+        uri = mlflow.get_tracking_uri()
+        if uri.startswith("sqlite:///"):  # keep artifacts beside the database file
+            artifacts = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
+        mlflow.create_experiment(config.experiment, artifact_location=artifacts)
+    mlflow.set_experiment(config.experiment)
+    with _sigterm_raises():
+        mlflow.start_run(run_name=run_name)
+        try:
+            mlflow.log_params(flatten(params))
+            yield mlflow
+        except KeyboardInterrupt:
+            mlflow.end_run("KILLED")
+            raise
+        except BaseException:
+            mlflow.end_run("FAILED")
+            raise
+        mlflow.end_run("FINISHED")
