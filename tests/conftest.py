@@ -47,3 +47,13 @@ def tiny_dir(project_dir) -> Path:
 @pytest.fixture(scope="session")
 def fill50k_dir(project_dir) -> Path:
     return project_dir / "outputs" / "fill50k"
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the session, sized like the CI machine."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()

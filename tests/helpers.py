@@ -26,36 +26,74 @@ def random_image(seed: int, size: tuple[int, int] = (64, 64)) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
 
 
-def call_tiny(pipe, task: str, prompts: list[str], seeds: list[int], size=(64, 64), **params):
-    """Call `pipe` directly, as a user would, on seeded noise inputs; returns uint8 images.
+def direct_call(pipe, task: str, prompts, seeds, controls=(), sources=(), masks=(), size=(64, 64), **params):
+    """Call `pipe` as a user would, one generator per prompt; returns uint8 images.
 
-    Control maps and source images are `random_image(seed)` of `size`; the mask keeps the
-    left half. Built independently of pixfleet's own argument plumbing, as a reference.
+    Built independently of pixfleet's own argument plumbing, as the reference.
     """
     import inspect
 
     import torch
 
     info = TASKS[task]
-    width, height = size
-    controls = [random_image(s, size) for s in seeds]
-    kwargs = {"prompt": prompts, "num_inference_steps": 2, "output_type": "np", **params}
+    kwargs = {"prompt": list(prompts), "num_inference_steps": 2, "output_type": "np", **params}
     kwargs["generator"] = [torch.Generator().manual_seed(s) for s in seeds]
     if "height" in inspect.signature(pipe.__call__).parameters:
-        kwargs.update(height=height, width=width)
-    if task in MULTI_CONTROLNET_TASKS:
+        kwargs.update(width=size[0], height=size[1])
+    if task in MULTI_CONTROLNET_TASKS:  # one batch per ControlNet, as a [0, 1] tensor
         batch = torch.stack([torch.from_numpy(np.array(c)).permute(2, 0, 1) for c in controls])
-        kwargs["image"] = [batch.float() / 255] * 2
-    elif task == "controlnet":
-        kwargs["image"] = controls
-    elif info.uses_controlnet:
-        kwargs["image"] = [random_image(s + 1000, size) for s in seeds]
-        kwargs["control_image"] = controls
+        control = [batch.float() / 255] * 2
     else:
-        kwargs["image"] = controls
+        control = list(controls)
+    if info.uses_controlnet and info.needs_source_image:
+        kwargs.update(image=list(sources), control_image=control)
+    elif info.uses_controlnet:
+        kwargs["image"] = control
+    else:
+        kwargs["image"] = list(sources)
     if info.needs_mask:
-        mask = np.zeros((height, width), np.uint8)
-        mask[:, : width // 2] = 255
-        kwargs["mask_image"] = [Image.fromarray(mask)] * len(seeds)
+        kwargs["mask_image"] = list(masks)
     images = pipe(**kwargs).images
-    return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+    return (images * 255).round().astype(np.uint8)
+
+
+def left_half_mask(size=(64, 64)) -> Image.Image:
+    mask = np.zeros((size[1], size[0]), np.uint8)
+    mask[:, : size[0] // 2] = 255
+    return Image.fromarray(mask)
+
+
+def call_tiny(pipe, task: str, prompts: list[str], seeds: list[int], size=(64, 64), **params):
+    """`direct_call` on seeded noise inputs of `size`; the mask keeps the left half."""
+    controls = [random_image(s, size) for s in seeds]
+    sources = [random_image(s + 1000, size) for s in seeds] if TASKS[task].uses_controlnet else controls
+    masks = [left_half_mask(size)] * len(seeds)
+    return direct_call(pipe, task, prompts, seeds, controls, sources, masks, size, **params)
+
+
+def tiny_job(tiny_dir: Path, task: str, source_path: Path | str, output_dir: Path, **sections):
+    """A GenerationJobConfig over the tiny `task` pipeline: 32 px, 2 steps, MLflow in output_dir."""
+    from pixfleet.config import GenerationJobConfig
+
+    spec = tiny_spec(tiny_dir, task)
+    data = {
+        "name": f"test-{task}",
+        "model": spec.model_dump(),
+        "source": {"path": str(source_path)},
+        "preprocess": {"width": 32, "height": 32},
+        "params": {"num_inference_steps": 2},
+        "sink": {"output_dir": str(output_dir)},
+        "resources": {"batch_size": 4},
+        "tracking": {"tracking_uri": f"sqlite:///{output_dir}/mlflow.db", "experiment": "tests"},
+    }
+    for section, values in sections.items():
+        data[section] = {**data.get(section, {}), **values} if isinstance(values, dict) else values
+    return GenerationJobConfig.model_validate(data)
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -71,14 +71,18 @@ def generate(
     """Run a bulk generation job on Ray Data."""
     from pixfleet.config import GenerationJobConfig, load_config
     from pixfleet.generation.job import GenerationFailed, run_generation
+    from pixfleet.models.loading import ModelLoadError
 
     try:
         job = load_config(GenerationJobConfig, config, set_ or [])
         summary = run_generation(job, address=address or os.environ.get("RAY_ADDRESS"))
-    except (ConfigError, GenerationFailed) as error:
+    except (ConfigError, ModelLoadError, GenerationFailed) as error:
         _fail(str(error))
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the MLflow run is already marked KILLED
+        typer.secho("interrupted; rerun the same command to resume", fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(130) from None
     typer.echo(summary.render())
 
 
-def main() -> None:
+if __name__ == "__main__":
     app()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -67,25 +67,41 @@ class PreprocessConfig(StrictModel):
         return value
 
 
+_PIPELINE_DEFAULT = "unset uses the pipeline's own default"
+
+
 class GenerationParams(StrictModel):
-    """Per-row generation parameters; a source column of the same name overrides each one."""
+    """Per-row generation parameters; a source column of the same name overrides each one.
+
+    Unset numeric parameters take the default of the task's diffusers pipeline (e.g. 50 steps
+    for ControlNet, 100 for InstructPix2Pix), so a row without parameters equals a plain
+    `pipe(prompt, image)` call.
+    """
 
     prompt: str = Field("", description="Prompt used when the row has none.")
     negative_prompt: str | None = Field(None, description="Negative prompt.")
-    num_inference_steps: int = Field(30, ge=1, le=1000, description="Denoising steps.")
-    guidance_scale: float = Field(7.5, ge=0, description="Classifier-free guidance scale.")
-    image_guidance_scale: float = Field(1.5, ge=0, description="Pull towards the source image (pix2pix).")
-    strength: float = Field(
-        0.8, gt=0, le=1, description="How much of the source image is re-noised (img2img, inpaint)."
+    num_inference_steps: Annotated[int, Field(ge=1, le=1000)] | None = Field(
+        None, description=f"Denoising steps; {_PIPELINE_DEFAULT}."
     )
-    controlnet_conditioning_scale: FloatOrList = Field(
-        1.0, description="ControlNet residual scale; a list gives one per ControlNet."
+    guidance_scale: Annotated[float, Field(ge=0)] | None = Field(
+        None, description=f"Classifier-free guidance scale; {_PIPELINE_DEFAULT}."
+    )
+    image_guidance_scale: Annotated[float, Field(ge=0)] | None = Field(
+        None, description=f"Pull towards the source image (pix2pix); {_PIPELINE_DEFAULT}."
+    )
+    strength: Annotated[float, Field(gt=0, le=1)] | None = Field(
+        None, description=f"Share of the source image re-noised (img2img, inpaint); {_PIPELINE_DEFAULT}."
+    )
+    controlnet_conditioning_scale: FloatOrList | None = Field(
+        None, description=f"ControlNet residual scale, or one per ControlNet; {_PIPELINE_DEFAULT}."
     )
     guess_mode: bool = Field(False, description="ControlNet guesses content without a prompt.")
-    control_guidance_start: FloatOrList = Field(
-        0.0, description="Fraction of steps at which ControlNet starts applying."
+    control_guidance_start: FloatOrList | None = Field(
+        None, description=f"Fraction of steps at which ControlNet starts; {_PIPELINE_DEFAULT}."
     )
-    control_guidance_end: FloatOrList = Field(1.0, description="Fraction of steps at which ControlNet stops applying.")
+    control_guidance_end: FloatOrList | None = Field(
+        None, description=f"Fraction of steps at which ControlNet stops; {_PIPELINE_DEFAULT}."
+    )
     num_images_per_prompt: int = Field(1, ge=1, le=16, description="Images generated per row.")
     seed: int | None = Field(None, description="Same seed for every row; unset derives one per row from the job seed.")
 

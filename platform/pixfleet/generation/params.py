@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
 import math
 import re
@@ -14,16 +16,29 @@ from pydantic import ValidationError
 
 from pixfleet.config import GenerationJobConfig, GenerationParams, ModelSpec
 from pixfleet.generation.images import RowError
+from pixfleet.models.tasks import task_info
 
+# Parameters only some tasks' pipelines take.
+TASK_SPECIFIC = (
+    "image_guidance_scale",
+    "strength",
+    "controlnet_conditioning_scale",
+    "control_guidance_start",
+    "control_guidance_end",
+    "guess_mode",
+)
 PER_CONTROLNET = ("controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
-def resolve_params(defaults: GenerationParams, row: Mapping[str, Any], num_controlnets: int) -> dict[str, Any]:
-    """Config defaults overridden by the row's own non-null columns, validated.
+def resolve_params(
+    defaults: GenerationParams, row: Mapping[str, Any], task: str, num_controlnets: int
+) -> dict[str, Any]:
+    """Config defaults overridden by the row's own values, validated, with every unset value
+    taken from the task's pipeline.
 
-    Per-ControlNet values become lists of `num_controlnets` floats (empty without ControlNet),
-    so every row has the same shape of parameters.
+    Per-ControlNet values become lists of `num_controlnets` floats, so every row has the same
+    shape of parameters; parameters the task does not use are None.
     """
     try:
         params = GenerationParams.model_validate({**defaults.model_dump(), **row_overrides(row)})
@@ -32,13 +47,33 @@ def resolve_params(defaults: GenerationParams, row: Mapping[str, Any], num_contr
         field = ".".join(str(p) for p in problem["loc"])
         raise RowError(f"parameter {field}: {problem['msg']}") from None
     resolved = params.model_dump()
+    pipeline_defaults = pipeline_call_defaults(task)
+    for name, value in resolved.items():
+        if name in pipeline_defaults:
+            resolved[name] = pipeline_defaults[name] if value is None else value
+        elif name in TASK_SPECIFIC:
+            resolved[name] = None  # the task's pipeline has no such argument
     for name in PER_CONTROLNET:
         value = resolved[name]
+        if value is None:
+            resolved[name] = []
+            continue
         values = value if isinstance(value, list) else [float(value)] * num_controlnets
         if len(values) != num_controlnets:
             raise RowError(f"parameter {name}: {len(values)} values for {num_controlnets} controlnet(s)")
-        resolved[name] = values
+        resolved[name] = [float(v) for v in values]
     return resolved
+
+
+@functools.cache
+def pipeline_call_defaults(task: str) -> dict[str, Any]:
+    """The defaults of the task's pipeline `__call__`, for the parameters pixfleet exposes."""
+    signature = inspect.signature(task_info(task).pipeline_class.__call__)
+    return {
+        name: p.default
+        for name, p in signature.parameters.items()
+        if name in GenerationParams.model_fields and p.default is not inspect.Parameter.empty
+    }
 
 
 def model_identity(spec: ModelSpec) -> dict[str, Any]:

@@ -39,6 +39,7 @@ def build_plan(job: GenerationJobConfig, source: Source, finished_row_ids: froze
     model = model_identity(job.model)
 
     decode = DecodeStage(
+        job.model.task,
         columns,
         job.params,
         job.model.num_controlnets,

@@ -74,8 +74,12 @@ def detect_format(config: SourceConfig) -> str:
     return "folder"
 
 
-def open_source(config: SourceConfig, task: str, num_controlnets: int) -> Source:
-    """Check `config` against `task` and return its canonical dataset."""
+def open_source(config: SourceConfig, task: str, num_controlnets: int, rows_per_block: int) -> Source:
+    """Check `config` against `task` and return its canonical dataset.
+
+    Blocks hold `rows_per_block` rows (the generation batch size): Ray Data streams block by
+    block, so small blocks keep every stage busy at once and a failure loses only a block.
+    """
     roles = ImageRoles.for_task(task, config, num_controlnets)
     readers = {
         "folder": _folder,
@@ -83,10 +87,14 @@ def open_source(config: SourceConfig, task: str, num_controlnets: int) -> Source
         "hf_dataset": _hf_dataset,
         "webdataset": _webdataset,
     }
-    return readers[detect_format(config)](config, roles)
+    return readers[detect_format(config)](config, roles, rows_per_block)
 
 
-def _folder(config: SourceConfig, roles: ImageRoles) -> Source:
+def _in_blocks(table: pd.DataFrame, rows_per_block: int) -> ray.data.Dataset:
+    return ray.data.from_pandas([table.iloc[i : i + rows_per_block] for i in range(0, len(table), rows_per_block)])
+
+
+def _folder(config: SourceConfig, roles: ImageRoles, rows_per_block: int) -> Source:
     """Each image is a row: it feeds every image role but the mask; the prompt is the default."""
     root = Path(config.path)
     if not root.is_dir():
@@ -96,10 +104,10 @@ def _folder(config: SourceConfig, roles: ImageRoles) -> Source:
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[: config.limit]
     if not files:
         raise ConfigError(f"source.path {root}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    rows = [{C.SOURCE_REF: str(p), "_path": str(p)} for p in files]
+    table = pd.DataFrame({C.SOURCE_REF: [str(p) for p in files], "_path": [str(p) for p in files]})
     image_paths = {canonical: "_path" for canonical in roles.mapping}
-    dataset = _load_images(ray.data.from_items(rows), image_paths, id_column=None, prompt_column=None)
-    return Source(dataset, len(rows), f"folder {root} ({len(rows)} images)")
+    dataset = _load_images(_in_blocks(table, rows_per_block), image_paths, id_column=None, prompt_column=None)
+    return Source(dataset, len(table), f"folder {root} ({len(table)} images)")
 
 
 def _read_manifest_table(path: Path) -> pd.DataFrame:
@@ -113,7 +121,7 @@ def _read_manifest_table(path: Path) -> pd.DataFrame:
         raise ConfigError(f"source.path {path}: cannot read manifest ({error})") from None
 
 
-def _manifest(config: SourceConfig, roles: ImageRoles) -> Source:
+def _manifest(config: SourceConfig, roles: ImageRoles, rows_per_block: int) -> Source:
     """A .jsonl/.csv/.parquet table (or an imagefolder's metadata file): image paths or bytes."""
     path = Path(config.path)
     if path.is_dir():
@@ -137,11 +145,11 @@ def _manifest(config: SourceConfig, roles: ImageRoles) -> Source:
     table[C.SOURCE_REF] = [f"{path.name}:{i + 1}" for i in range(len(table))]
     for source_column in set(roles.mapping.values()):
         table[source_column] = [_resolve_image_ref(v, base) for v in table[source_column]]
-    dataset = _load_images(ray.data.from_pandas(table), roles.mapping, config.id_column, config.prompt_column)
+    dataset = _load_images(_in_blocks(table, rows_per_block), roles.mapping, config.id_column, config.prompt_column)
     return Source(dataset, len(table), f"manifest {path} ({len(table)} rows)")
 
 
-def _hf_dataset(config: SourceConfig, roles: ImageRoles) -> Source:
+def _hf_dataset(config: SourceConfig, roles: ImageRoles, rows_per_block: int) -> Source:
     """A dataset written by `datasets.save_to_disk`; Image features arrive as {bytes, path}."""
     import datasets
 
@@ -157,14 +165,17 @@ def _hf_dataset(config: SourceConfig, roles: ImageRoles) -> Source:
     if len(ds) == 0:
         raise ConfigError(f"source.path {path}: dataset has no rows")
     _check_columns(path, ds.column_names, config, roles)
-    ds = ds.cast({c: datasets.Image(decode=False) for c in set(roles.mapping.values())})
+    for column in set(roles.mapping.values()):
+        ds = ds.cast_column(column, datasets.Image(decode=False))
     table = ds.to_pandas()
     table[C.SOURCE_REF] = [f"{path.name}[{i}]" for i in range(len(table))]
-    dataset = _load_images(ray.data.from_pandas(table), roles.mapping, config.id_column, config.prompt_column)
+    for source_column in set(roles.mapping.values()):
+        table[source_column] = [_resolve_image_ref(v, path) for v in table[source_column]]
+    dataset = _load_images(_in_blocks(table, rows_per_block), roles.mapping, config.id_column, config.prompt_column)
     return Source(dataset, len(table), f"datasets folder {path} ({len(table)} rows)")
 
 
-def _webdataset(config: SourceConfig, roles: ImageRoles) -> Source:
+def _webdataset(config: SourceConfig, roles: ImageRoles, rows_per_block: int) -> Source:
     """Tar shards; a sample's files are columns by extension key (`control.png`, `txt`, `json`)."""
     import tarfile
 
@@ -179,7 +190,8 @@ def _webdataset(config: SourceConfig, roles: ImageRoles) -> Source:
     if count == 0:
         raise ConfigError(f"source.path {path}: no samples in {len(shards)} shard(s)")
     _check_columns(path, sorted(keys), config, roles)
-    dataset = ray.data.read_webdataset(shards, decoder=None).map_batches(
+    dataset = ray.data.read_webdataset(shards, decoder=None).repartition(target_num_rows_per_block=rows_per_block)
+    dataset = dataset.map_batches(
         _WebDatasetRows(roles.mapping, config.prompt_column), batch_format="pandas", num_cpus=LOAD_CPUS
     )
     if config.limit:
@@ -258,9 +270,11 @@ class _WebDatasetRows:
 
 
 def _read_bytes(value: Any) -> bytes | None:
-    """Bytes as they are; a path read from disk; a missing file reads as None (row fails)."""
-    if value is None or isinstance(value, bytes):
+    """Bytes as they are; a path read from disk; a missing file or other value is None (row fails)."""
+    if isinstance(value, bytes):
         return value
+    if not isinstance(value, str) or not value:
+        return None
     try:
         return Path(value).read_bytes()
     except OSError:

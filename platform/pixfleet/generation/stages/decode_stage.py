@@ -31,6 +31,7 @@ class DecodeStage:
 
     def __init__(
         self,
+        task: str,
         image_columns: list[str],
         defaults: GenerationParams,
         num_controlnets: int,
@@ -39,6 +40,7 @@ class DecodeStage:
         max_image_pixels: int,
         finished_row_ids: frozenset[str] = frozenset(),
     ):
+        self.task = task
         self.image_columns = image_columns
         self.defaults = defaults
         self.num_controlnets = num_controlnets
@@ -60,7 +62,7 @@ class DecodeStage:
         out[C.ROW_ID] = row[C.ROW_ID] or content_row_id(raw_images, row_overrides(row), self.job_fingerprint)
         try:
             row_id = check_row_id(out[C.ROW_ID])
-            params = resolve_params(self.defaults, row, self.num_controlnets)
+            params = resolve_params(self.defaults, row, self.task, self.num_controlnets)
             if row_id in self.finished_row_ids:
                 return self._without_images({**out, C.STATUS: C.SKIPPED}, params)
             for column, data in zip(self.image_columns, raw_images, strict=True):

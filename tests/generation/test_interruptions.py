@@ -1,0 +1,136 @@
+"""A killed actor, a killed driver and SIGTERM: no row lost, none written twice, runs closed."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import mlflow
+import pandas as pd
+import psutil
+import pytest
+import yaml
+
+from pixfleet.generation import columns as C
+from pixfleet.generation.job import run_generation
+from tests.helpers import tiny_job
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _wait_for_files(folder, pattern: str, count: int, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if folder.exists() and len(list(folder.glob(pattern))) >= count:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"fewer than {count} {pattern} in {folder} after {timeout}s")
+
+
+def _assert_complete(out, rows: int) -> pd.DataFrame:
+    manifest = pd.read_parquet(out / "manifest.parquet")
+    assert len(manifest) == rows and manifest[C.ROW_ID].is_unique
+    assert set(manifest[C.STATUS]) == {C.OK}
+    assert sorted(p.stem for p in (out / "images").glob("*.png")) == sorted(manifest[C.ROW_ID])
+    assert not list(out.rglob("*.tmp"))
+    return manifest
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_an_actor_killed_half_way_costs_nothing(tiny_dir, project_dir, tmp_path):
+    from pixfleet.data.fill50k import make_fill50k
+
+    data = make_fill50k(tmp_path / "data", n=24, size=64, seed=3)
+    out = tmp_path / "out"
+    job = tiny_job(tiny_dir, "controlnet", data, out, params={"num_inference_steps": 4}, resources={"batch_size": 2})
+    killed = []
+
+    def kill_generate_actor_half_way():
+        _wait_for_files(out / "images", "*.png", 12)
+        for process in psutil.process_iter(["cmdline"]):
+            if "GenerateStage" in " ".join(process.info["cmdline"] or []):
+                process.send_signal(signal.SIGKILL)
+                killed.append(process.pid)
+
+    killer = threading.Thread(target=kill_generate_actor_half_way, daemon=True)
+    killer.start()
+    summary = run_generation(job)
+    killer.join(timeout=5)
+
+    assert killed, "the generate actor was not found to kill"
+    assert (summary.rows_in, summary.images_ok, summary.rows_failed) == (24, 24, 0)
+    _assert_complete(out, 24)
+
+
+def _write_job_yaml(job, path):
+    path.write_text(yaml.safe_dump(job.model_dump(mode="json")))
+    return path
+
+
+def _start_cli(config_path, cwd):
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "pixfleet.cli", "generate", str(config_path)],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: the embedded Ray goes down with it
+    )
+
+
+def _kill_group(process) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_killed_driver_resumes_recomputing_only_unfinished_rows(tiny_dir, tmp_path):
+    from pixfleet.data.fill50k import make_fill50k
+
+    rows = 24
+    data = make_fill50k(tmp_path / "data", n=rows, size=64, seed=4)
+    out = tmp_path / "out"
+    job = tiny_job(tiny_dir, "controlnet", data, out, params={"num_inference_steps": 4}, resources={"batch_size": 2})
+    driver = _start_cli(_write_job_yaml(job, tmp_path / "job.yaml"), tmp_path)
+    _wait_for_files(out / "manifest", "part-*.parquet", 1)
+    _kill_group(driver)  # the driver and its whole embedded Ray, at once
+    driver.wait(timeout=30)
+
+    finished = {p.stem: p.stat().st_mtime_ns for p in (out / "images").glob("*.png")}
+    recorded = set(pd.concat(pd.read_parquet(p) for p in (out / "manifest").glob("*.parquet"))[C.ROW_ID])
+    assert 0 < len(recorded) < rows
+
+    summary = run_generation(job)
+
+    assert summary.rows_skipped == len(recorded)
+    assert summary.images_ok == rows - len(recorded)
+    _assert_complete(out, rows)
+    for row_id in recorded:  # recorded rows were not recomputed
+        assert (out / "images" / f"{row_id}.png").stat().st_mtime_ns == finished[row_id]
+
+
+def test_sigterm_ends_the_mlflow_run_killed(tiny_dir, tmp_path):
+    from pixfleet.data.fill50k import make_fill50k
+
+    data = make_fill50k(tmp_path / "data", n=16, size=64, seed=5)
+    out = tmp_path / "out"
+    job = tiny_job(tiny_dir, "controlnet", data, out, params={"num_inference_steps": 4}, resources={"batch_size": 2})
+    driver = _start_cli(_write_job_yaml(job, tmp_path / "job.yaml"), tmp_path)
+    _wait_for_files(out / "images", "*.png", 1)
+    driver.send_signal(signal.SIGTERM)
+    try:
+        output = driver.communicate(timeout=60)[0].decode()
+    finally:
+        _kill_group(driver)
+
+    assert driver.returncode == 130, output[-2000:]
+    assert "interrupted; rerun the same command to resume" in output
+    mlflow.set_tracking_uri(f"sqlite:///{out}/mlflow.db")
+    (run,) = mlflow.search_runs(experiment_names=["tests"], output_format="list")
+    assert run.info.status == "KILLED"

@@ -1,0 +1,155 @@
+"""The Ray Data job end to end: outputs, manifest, resume, bad rows, MLflow, failures."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pixfleet.config import ConfigError
+from pixfleet.generation import columns as C
+from pixfleet.generation.job import GenerationFailed, run_generation
+from pixfleet.generation.params import derive_seed
+from pixfleet.models.loading import ModelLoadError, load_pipeline
+from tests.helpers import direct_call, png_bytes, random_image, tiny_job, tiny_spec
+
+pytestmark = [pytest.mark.timeout(240), pytest.mark.usefixtures("ray_session")]
+
+
+def _mlflow_run(output_dir, run_id):
+    mlflow.set_tracking_uri(f"sqlite:///{output_dir}/mlflow.db")
+    return mlflow.get_run(run_id)
+
+
+def test_job_writes_every_row_faithfully_and_a_rerun_skips_them(tiny_dir, fill50k_dir, tmp_path):
+    out = tmp_path / "out"
+    job = tiny_job(tiny_dir, "controlnet", fill50k_dir, out, resources={"batch_size": 4})
+    summary = run_generation(job)
+
+    # Rows in = rows out, one image file per row, named from the row id.
+    assert (summary.rows_in, summary.images_ok, summary.rows_failed) == (16, 16, 0)
+    manifest = pd.read_parquet(out / "manifest.parquet")
+    assert len(manifest) == 16 and manifest[C.ROW_ID].is_unique
+    assert set(manifest[C.STATUS]) == {C.OK}
+    files = sorted((out / "images").iterdir())
+    assert [f.stem for f in files] == sorted(manifest[C.ROW_ID])
+    assert not list(out.rglob("*.tmp"))
+
+    # A row from the batched Ray job equals a direct diffusers call on that row alone.
+    row = manifest.iloc[0]
+    line = int(row[C.SOURCE_REF].rsplit(":", 1)[1])
+    record = json.loads((fill50k_dir / "metadata.jsonl").read_text().splitlines()[line - 1])
+    assert row[C.SEED] == derive_seed(0, row[C.ROW_ID])
+    pipe = load_pipeline(tiny_spec(tiny_dir, "controlnet"))
+    pipe.set_progress_bar_config(disable=True)
+    control = Image.open(fill50k_dir / record["conditioning_image_file_name"]).convert("RGB")
+    control = control.resize((32, 32), Image.Resampling.BICUBIC)  # the job's preprocessing
+    expected = direct_call(pipe, "controlnet", [record["text"]], [int(row[C.SEED])], [control], size=(32, 32))[0]
+    written = np.asarray(Image.open(row[C.OUTPUT_PATH]))
+    assert np.abs(written.astype(float) - expected).mean() < 1.0
+    assert row["controlnet_conditioning_scale"].tolist() == [1.0]
+    assert Image.open(row[C.OUTPUT_PATH]).info["parameters"].startswith(record["text"])
+
+    # MLflow: params, counts, throughput, sample grid.
+    run = _mlflow_run(out, summary.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.task"] == "controlnet"
+    assert run.data.metrics["images_ok"] == 16 and run.data.metrics["images_per_second"] > 0
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert {"samples.png", "manifest.parquet"} <= artifacts
+
+    # A rerun skips every row and rewrites nothing.
+    mtimes = {f: f.stat().st_mtime_ns for f in files}
+    again = run_generation(job)
+    assert (again.rows_skipped, again.images_ok) == (16, 0)
+    assert {f: f.stat().st_mtime_ns for f in files} == mtimes
+    assert len(pd.read_parquet(out / "manifest.parquet")) == 16
+
+
+def test_bad_rows_are_recorded_and_the_job_goes_on(tiny_dir, tmp_path):
+    good = png_bytes(random_image(1))
+    rows = [{"id": f"good-{i}", "image": png_bytes(random_image(i)), "text": "ok"} for i in range(6)]
+    rows += [
+        {"id": "garbage", "image": b"not an image", "text": "x"},
+        {"id": "truncated", "image": good[:100], "text": "x"},
+        {"id": "bad-guidance", "image": good, "text": "x", "guidance_scale": -1.0},
+    ]
+    manifest_path = tmp_path / "rows.parquet"
+    pd.DataFrame(rows).to_parquet(manifest_path)
+    out = tmp_path / "out"
+    job = tiny_job(
+        tiny_dir,
+        "controlnet",
+        manifest_path,
+        out,
+        source={"id_column": "id", "control_columns": ["image"]},
+        max_failed_fraction=0.5,
+    )
+    summary = run_generation(job)
+
+    assert (summary.images_ok, summary.rows_failed) == (6, 3)
+    manifest = pd.read_parquet(out / "manifest.parquet").set_index(C.ROW_ID)
+    assert len(manifest) == 9
+    assert "cannot decode image" in manifest.loc["garbage", C.ERROR]
+    assert "cannot decode image" in manifest.loc["truncated", C.ERROR]
+    assert "parameter guidance_scale" in manifest.loc["bad-guidance", C.ERROR]
+    assert (out / "images" / "good-0.png").exists()
+
+
+def test_too_many_failures_stop_the_job_and_keep_what_was_written(tiny_dir, tmp_path):
+    rows = [{"id": f"bad-{i}", "image": b"", "text": "x"} for i in range(4)]
+    rows += [{"id": f"good-{i}", "image": png_bytes(random_image(i)), "text": "ok"} for i in range(4)]
+    manifest_path = tmp_path / "rows.jsonl"
+    # A jsonl manifest refers to image files by path, relative to the manifest.
+    for row in rows:
+        (tmp_path / f"{row['id']}.png").write_bytes(row["image"])
+    manifest_path.write_text(
+        "\n".join(json.dumps({"id": r["id"], "image": f"{r['id']}.png", "text": r["text"]}) for r in rows)
+    )
+    out = tmp_path / "out"
+    job = tiny_job(
+        tiny_dir,
+        "controlnet",
+        manifest_path,
+        out,
+        source={"id_column": "id", "control_columns": ["image"]},
+        max_failed_fraction=0.25,
+        resources={"batch_size": 2},
+    )
+    with pytest.raises(GenerationFailed, match=r"rows failed, over max_failed_fraction=0.25; first: bad-\d: "):
+        run_generation(job)
+    runs = mlflow.search_runs(experiment_names=["tests"], output_format="list")
+    assert runs[0].info.status == "FAILED"
+    assert (out / "manifest.parquet").exists()
+
+
+def test_a_source_that_cannot_work_fails_before_any_work(tiny_dir, fill50k_dir, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match=r"empty: no images"):
+        run_generation(tiny_job(tiny_dir, "controlnet", empty, tmp_path / "o1"))
+    job = tiny_job(tiny_dir, "controlnet", fill50k_dir, tmp_path / "o2", source={"control_columns": ["edges"]})
+    with pytest.raises(ConfigError, match=r"no column for control_image_0 \(edges\); columns are image, conditioning"):
+        run_generation(job)
+    broken = tiny_job(tiny_dir, "controlnet", fill50k_dir, tmp_path / "o3")
+    broken.model.base_model = str(tiny_dir / "controlnet" / "unet")
+    with pytest.raises(ModelLoadError, match=r"no model_index\.json"):
+        run_generation(broken)
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o3").exists()
+
+
+def test_pix2pix_over_a_folder_of_images(tiny_dir, fill50k_dir, tmp_path):
+    out = tmp_path / "out"
+    job = tiny_job(
+        tiny_dir, "sdxl_pix2pix", fill50k_dir / "images", out, params={"prompt": "make it snow"}, source={"limit": 4}
+    )
+    summary = run_generation(job)
+    assert summary.images_ok == 4
+    image = Image.open(io.BytesIO((next((out / "images").iterdir())).read_bytes()))
+    assert image.size == (32, 32)
+    assert "Image CFG scale: 1.5" in image.info["parameters"]
