@@ -14,9 +14,10 @@ def ensure_ray(address: str | None = None) -> None:
     """
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
+        # Nothing outside this process talks to an embedded Ray: no dashboard, no token.
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(address="local", include_dashboard=False)

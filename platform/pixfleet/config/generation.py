@@ -118,6 +118,11 @@ class ResourcesConfig(StrictModel):
     """Ray resources of the stages."""
 
     batch_size: int = Field(4, ge=1, description="Rows per pipeline call.")
+    batches_per_block: int = Field(
+        4,
+        ge=1,
+        description="Pipeline batches per Ray Data block: more amortize Ray's per-task cost, fewer stream sooner.",
+    )
     num_gpus_per_actor: float = Field(
         0.0, ge=0, description="GPUs per generation actor: 0 on CPU, 1 or a fraction on GPU."
     )
@@ -131,6 +136,10 @@ class ResourcesConfig(StrictModel):
     num_cpus_per_preprocess: float = Field(
         0.25, gt=0, description="CPUs per preprocessing actor (fractional keeps reads running)."
     )
+
+    @property
+    def rows_per_block(self) -> int:
+        return self.batch_size * self.batches_per_block
 
     @model_validator(mode="after")
     def _actor_range(self) -> ResourcesConfig:

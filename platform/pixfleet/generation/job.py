@@ -61,7 +61,7 @@ def run_generation(job: GenerationJobConfig, address: str | None = None) -> Gene
     # 1. Check inputs before any work: model folders and the source's rows and columns.
     check_model_folders(job.model)
     ensure_ray(address)
-    source = open_source(job.source, job.model.task, job.model.num_controlnets, job.resources.batch_size)
+    source = open_source(job.source, job.model.task, job.model.num_controlnets, job.resources.rows_per_block)
 
     # 2. Resume: rows an earlier run wrote are skipped.
     manifest = Manifest(job.sink)

@@ -77,8 +77,9 @@ def detect_format(config: SourceConfig) -> str:
 def open_source(config: SourceConfig, task: str, num_controlnets: int, rows_per_block: int) -> Source:
     """Check `config` against `task` and return its canonical dataset.
 
-    Blocks hold `rows_per_block` rows (the generation batch size): Ray Data streams block by
-    block, so small blocks keep every stage busy at once and a failure loses only a block.
+    Blocks hold `rows_per_block` rows, a few generation batches: Ray Data streams block by
+    block, so small blocks keep every stage busy at once and a failure loses only a block, but
+    each block costs every stage a task, which large blocks amortize.
     """
     roles = ImageRoles.for_task(task, config, num_controlnets)
     readers = {
