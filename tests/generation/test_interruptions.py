@@ -23,6 +23,12 @@ from tests.helpers import tiny_job
 pytestmark = pytest.mark.timeout(300)
 
 
+def _small_batches_job(tiny_dir, data, out):
+    """Batches of 2 rows, one per block: many blocks in flight to interrupt."""
+    resources = {"batch_size": 2, "batches_per_block": 1}
+    return tiny_job(tiny_dir, "controlnet", data, out, params={"num_inference_steps": 4}, resources=resources)
+
+
 def _wait_for_files(folder, pattern: str, count: int, timeout: float = 180) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -47,14 +53,7 @@ def test_an_actor_killed_half_way_costs_nothing(tiny_dir, project_dir, tmp_path)
 
     data = make_fill50k(tmp_path / "data", n=24, size=64, seed=3)
     out = tmp_path / "out"
-    job = tiny_job(
-        tiny_dir,
-        "controlnet",
-        data,
-        out,
-        params={"num_inference_steps": 4},
-        resources={"batch_size": 2, "batches_per_block": 1},
-    )
+    job = _small_batches_job(tiny_dir, data, out)
     killed = []
 
     def kill_generate_actor_half_way():
@@ -103,14 +102,7 @@ def test_a_killed_driver_resumes_recomputing_only_unfinished_rows(tiny_dir, tmp_
     rows = 24
     data = make_fill50k(tmp_path / "data", n=rows, size=64, seed=4)
     out = tmp_path / "out"
-    job = tiny_job(
-        tiny_dir,
-        "controlnet",
-        data,
-        out,
-        params={"num_inference_steps": 4},
-        resources={"batch_size": 2, "batches_per_block": 1},
-    )
+    job = _small_batches_job(tiny_dir, data, out)
     driver = _start_cli(_write_job_yaml(job, tmp_path / "job.yaml"), tmp_path)
     _wait_for_files(out / "manifest", "part-*.parquet", 1)
     _kill_group(driver)  # the driver and its whole embedded Ray, at once
@@ -134,14 +126,7 @@ def test_sigterm_ends_the_mlflow_run_killed(tiny_dir, tmp_path):
 
     data = make_fill50k(tmp_path / "data", n=16, size=64, seed=5)
     out = tmp_path / "out"
-    job = tiny_job(
-        tiny_dir,
-        "controlnet",
-        data,
-        out,
-        params={"num_inference_steps": 4},
-        resources={"batch_size": 2, "batches_per_block": 1},
-    )
+    job = _small_batches_job(tiny_dir, data, out)
     driver = _start_cli(_write_job_yaml(job, tmp_path / "job.yaml"), tmp_path)
     _wait_for_files(out / "images", "*.png", 1)
     driver.send_signal(signal.SIGTERM)

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from pixfleet.generation import columns as C
-from pixfleet.generation.params import derive_seed, job_fingerprint
+from pixfleet.generation.params import derive_seed
 from pixfleet.generation.plan import image_columns
 from pixfleet.generation.stages.decode_stage import DecodeStage
 from pixfleet.generation.stages.generate_stage import GenerateStage
@@ -31,15 +31,7 @@ def job_at_64(tiny_dir, task, tmp_path, **sections):
 
 def stages(job):
     columns = image_columns(job)
-    decode = DecodeStage(
-        job.model.task,
-        columns,
-        job.params,
-        job.model.num_controlnets,
-        job_fingerprint(job),
-        job.seed,
-        job.preprocess.max_image_pixels,
-    )
+    decode = DecodeStage.for_job(job, columns)
     return decode, PreprocessStage(job.preprocess, columns), GenerateStage(job.model, columns)
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import ray.data
 
 from pixfleet.config import GenerationJobConfig
-from pixfleet.generation.params import job_fingerprint, model_identity
+from pixfleet.generation.params import model_identity
 from pixfleet.generation.sink import WriteStage
 from pixfleet.generation.sources import ImageRoles, Source
 from pixfleet.generation.stages.decode_stage import DecodeStage
@@ -38,16 +38,7 @@ def build_plan(job: GenerationJobConfig, source: Source, finished_row_ids: froze
     res = job.resources
     model = model_identity(job.model)
 
-    decode = DecodeStage(
-        job.model.task,
-        columns,
-        job.params,
-        job.model.num_controlnets,
-        job_fingerprint(job),
-        job.seed,
-        job.preprocess.max_image_pixels,
-        finished_row_ids,
-    )
+    decode = DecodeStage.for_job(job, columns, finished_row_ids)
     ds = source.dataset.map_batches(decode, batch_format="pandas", num_cpus=_LIGHT_CPU)
     ds = ds.map_batches(
         PreprocessStage,

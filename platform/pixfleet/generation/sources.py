@@ -142,12 +142,8 @@ def _manifest(config: SourceConfig, roles: ImageRoles, rows_per_block: int) -> S
         raise ConfigError(f"source.path {path}: manifest has no rows")
     _check_columns(path, list(table.columns), config, roles)
 
-    base = path.parent
-    table[C.SOURCE_REF] = [f"{path.name}:{i + 1}" for i in range(len(table))]
-    for source_column in set(roles.mapping.values()):
-        table[source_column] = [_resolve_image_ref(v, base) for v in table[source_column]]
-    dataset = _load_images(_in_blocks(table, rows_per_block), roles.mapping, config.id_column, config.prompt_column)
-    return Source(dataset, len(table), f"manifest {path} ({len(table)} rows)")
+    refs = [f"{path.name}:{i + 1}" for i in range(len(table))]
+    return _table_source(table, refs, path.parent, config, roles, rows_per_block, f"manifest {path}")
 
 
 def _hf_dataset(config: SourceConfig, roles: ImageRoles, rows_per_block: int) -> Source:
@@ -168,12 +164,25 @@ def _hf_dataset(config: SourceConfig, roles: ImageRoles, rows_per_block: int) ->
     _check_columns(path, ds.column_names, config, roles)
     for column in set(roles.mapping.values()):
         ds = ds.cast_column(column, datasets.Image(decode=False))
-    table = ds.to_pandas()
-    table[C.SOURCE_REF] = [f"{path.name}[{i}]" for i in range(len(table))]
+    refs = [f"{path.name}[{i}]" for i in range(len(ds))]
+    return _table_source(ds.to_pandas(), refs, path, config, roles, rows_per_block, f"datasets folder {path}")
+
+
+def _table_source(
+    table: pd.DataFrame,
+    refs: list[str],
+    base: Path,
+    config: SourceConfig,
+    roles: ImageRoles,
+    rows_per_block: int,
+    description: str,
+) -> Source:
+    """Rows of a table whose image columns hold paths (relative to `base`) or bytes."""
+    table[C.SOURCE_REF] = refs
     for source_column in set(roles.mapping.values()):
-        table[source_column] = [_resolve_image_ref(v, path) for v in table[source_column]]
+        table[source_column] = [_resolve_image_ref(v, base) for v in table[source_column]]
     dataset = _load_images(_in_blocks(table, rows_per_block), roles.mapping, config.id_column, config.prompt_column)
-    return Source(dataset, len(table), f"datasets folder {path} ({len(table)} rows)")
+    return Source(dataset, len(table), f"{description} ({len(table)} rows)")
 
 
 def _webdataset(config: SourceConfig, roles: ImageRoles, rows_per_block: int) -> Source:

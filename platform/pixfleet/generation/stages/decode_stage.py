@@ -14,13 +14,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pixfleet.config import GenerationParams
+from pixfleet.config import GenerationJobConfig, GenerationParams
 from pixfleet.generation import columns as C
 from pixfleet.generation.images import RowError, decode_image, empty_image
 from pixfleet.generation.params import (
     check_row_id,
     content_row_id,
     derive_seed,
+    job_fingerprint,
     resolve_params,
     row_overrides,
 )
@@ -49,6 +50,21 @@ class DecodeStage:
         self.max_image_pixels = max_image_pixels
         self.finished_row_ids = finished_row_ids
         self.needs = [C.ROW_ID, C.SOURCE_REF, C.PROMPT, *image_columns]
+
+    @classmethod
+    def for_job(
+        cls, job: GenerationJobConfig, image_columns: list[str], finished_row_ids: frozenset[str] = frozenset()
+    ) -> DecodeStage:
+        return cls(
+            job.model.task,
+            image_columns,
+            job.params,
+            job.model.num_controlnets,
+            job_fingerprint(job),
+            job.seed,
+            job.preprocess.max_image_pixels,
+            finished_row_ids,
+        )
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         C.require_columns(batch, self.needs, "decode stage")
