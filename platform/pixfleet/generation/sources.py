@@ -12,17 +12,22 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 import ray.data
 
 from pixfleet.config import ConfigError, GenerationParams, SourceConfig
+from pixfleet.data.tables import (
+    MANIFEST_SUFFIXES,
+    is_datasets_folder,
+    metadata_file,
+    read_image_bytes,
+    read_image_table,
+)
 from pixfleet.generation import columns as C
 from pixfleet.models.tasks import task_info
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
-MANIFEST_SUFFIXES = {".jsonl", ".csv", ".parquet"}
 # Reads must fit beside the actors that hold whole CPUs, or Ray Data waits forever.
 LOAD_CPUS = 0.1
 
@@ -65,11 +70,11 @@ def detect_format(config: SourceConfig) -> str:
         if path.suffix in MANIFEST_SUFFIXES:
             return "manifest"
         raise ConfigError(f"source.path {path}: not a .jsonl, .csv or .parquet manifest")
-    if (path / "dataset_info.json").exists() and (path / "state.json").exists():
+    if is_datasets_folder(path):
         return "hf_dataset"
     if any(path.glob("*.tar")):
         return "webdataset"
-    if any((path / f"metadata{s}").exists() for s in MANIFEST_SUFFIXES):
+    if metadata_file(path):
         return "manifest"
     return "folder"
 
@@ -84,8 +89,8 @@ def open_source(config: SourceConfig, task: str, num_controlnets: int, rows_per_
     roles = ImageRoles.for_task(task, config, num_controlnets)
     readers = {
         "folder": _folder,
-        "manifest": _manifest,
-        "hf_dataset": _hf_dataset,
+        "manifest": _table,
+        "hf_dataset": _table,
         "webdataset": _webdataset,
     }
     return readers[detect_format(config)](config, roles, rows_per_block)
@@ -111,78 +116,18 @@ def _folder(config: SourceConfig, roles: ImageRoles, rows_per_block: int) -> Sou
     return Source(dataset, len(table), f"folder {root} ({len(table)} images)")
 
 
-def _read_manifest_table(path: Path) -> pd.DataFrame:
-    try:
-        if path.suffix == ".jsonl":
-            return pd.read_json(path, lines=True, dtype=False)
-        if path.suffix == ".csv":
-            return pd.read_csv(path, dtype=str, keep_default_na=False)
-        return pd.read_parquet(path)
-    except Exception as error:
-        raise ConfigError(f"source.path {path}: cannot read manifest ({error})") from None
-
-
-def _manifest(config: SourceConfig, roles: ImageRoles, rows_per_block: int) -> Source:
-    """A .jsonl/.csv/.parquet table (or an imagefolder's metadata file): image paths or bytes."""
-    path = Path(config.path)
-    if path.is_dir():
-        path = next(path / f"metadata{s}" for s in MANIFEST_SUFFIXES if (path / f"metadata{s}").exists())
-    table = _read_manifest_table(path)
-    # imagefolder layout (datasets): `file_name` is the `image` column, `x_file_name` is `x`.
-    table = table.rename(
-        columns={
-            c: "image" if c == "file_name" else c.removesuffix("_file_name")
-            for c in table.columns
-            if c.endswith("file_name")
-        }
+def _table(config: SourceConfig, roles: ImageRoles, rows_per_block: int) -> Source:
+    """A manifest, imagefolder metadata or `datasets` folder: image paths or bytes per row."""
+    columns = dict(roles.mapping)
+    if config.id_column:
+        columns["id_column"] = config.id_column
+    loaded = read_image_table(
+        Path(config.path), columns, set(roles.mapping.values()), config.limit, field="source.path"
     )
-    if config.limit:
-        table = table.head(config.limit)
-    if table.empty:
-        raise ConfigError(f"source.path {path}: manifest has no rows")
-    _check_columns(path, list(table.columns), config, roles)
-
-    refs = [f"{path.name}:{i + 1}" for i in range(len(table))]
-    return _table_source(table, refs, path.parent, config, roles, rows_per_block, f"manifest {path}")
-
-
-def _hf_dataset(config: SourceConfig, roles: ImageRoles, rows_per_block: int) -> Source:
-    """A dataset written by `datasets.save_to_disk`; Image features arrive as {bytes, path}."""
-    import datasets
-
-    path = Path(config.path)
-    try:
-        ds = datasets.load_from_disk(str(path))
-    except Exception as error:
-        raise ConfigError(f"source.path {path}: cannot load dataset ({error})") from None
-    if isinstance(ds, datasets.DatasetDict):
-        ds = ds["train"] if "train" in ds else next(iter(ds.values()))
-    if config.limit:
-        ds = ds.select(range(min(config.limit, len(ds))))
-    if len(ds) == 0:
-        raise ConfigError(f"source.path {path}: dataset has no rows")
-    _check_columns(path, ds.column_names, config, roles)
-    for column in set(roles.mapping.values()):
-        ds = ds.cast_column(column, datasets.Image(decode=False))
-    refs = [f"{path.name}[{i}]" for i in range(len(ds))]
-    return _table_source(ds.to_pandas(), refs, path, config, roles, rows_per_block, f"datasets folder {path}")
-
-
-def _table_source(
-    table: pd.DataFrame,
-    refs: list[str],
-    base: Path,
-    config: SourceConfig,
-    roles: ImageRoles,
-    rows_per_block: int,
-    description: str,
-) -> Source:
-    """Rows of a table whose image columns hold paths (relative to `base`) or bytes."""
-    table[C.SOURCE_REF] = refs
-    for source_column in set(roles.mapping.values()):
-        table[source_column] = [_resolve_image_ref(v, base) for v in table[source_column]]
+    table = loaded.table
+    table[C.SOURCE_REF] = loaded.refs
     dataset = _load_images(_in_blocks(table, rows_per_block), roles.mapping, config.id_column, config.prompt_column)
-    return Source(dataset, len(table), f"{description} ({len(table)} rows)")
+    return Source(dataset, len(table), f"{config.path} ({len(table)} rows)")
 
 
 def _webdataset(config: SourceConfig, roles: ImageRoles, rows_per_block: int) -> Source:
@@ -228,15 +173,6 @@ def _load_images(
     )
 
 
-def _resolve_image_ref(value: Any, base: Path) -> Any:
-    """Relative paths resolve against the manifest's folder; bytes stay bytes."""
-    if isinstance(value, dict):  # {"bytes": ..., "path": ...} as `datasets` writes images
-        value = value.get("bytes") or value.get("path")
-    if isinstance(value, str) and value and not Path(value).is_absolute():
-        return str(base / value)
-    return value
-
-
 class _LoadImageFiles:
     """Map canonical image columns from source columns, reading paths into bytes."""
 
@@ -251,7 +187,7 @@ class _LoadImageFiles:
         has_prompt = self.prompt_column and self.prompt_column in table
         out[C.PROMPT] = table[self.prompt_column] if has_prompt else None
         for canonical, column in self.image_columns.items():
-            out[canonical] = [_read_bytes(v) for v in table[column]]
+            out[canonical] = [read_image_bytes(v) for v in table[column]]
         for name in GenerationParams.model_fields:
             if name in table and name != "prompt":
                 out[name] = table[name]
@@ -277,15 +213,3 @@ class _WebDatasetRows:
             if name != "prompt" and any(v is not None for v in values):
                 out[name] = values
         return out
-
-
-def _read_bytes(value: Any) -> bytes | None:
-    """Bytes as they are; a path read from disk; a missing file or other value is None (row fails)."""
-    if isinstance(value, bytes):
-        return value
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        return Path(value).read_bytes()
-    except OSError:
-        return None

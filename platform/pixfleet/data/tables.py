@@ -1,0 +1,122 @@
+"""Tables of examples with image columns: manifests, imagefolder metadata, `datasets` folders.
+
+Generation and training read the same layouts through here: a `.jsonl`/`.csv`/`.parquet`
+file, a folder with `metadata.jsonl` (the imagefolder layout `datasets.load_dataset` reads),
+or a folder written by `datasets.save_to_disk`. Image cells end up as bytes or absolute paths;
+the bytes of a path are read later, where the work runs (`read_image_bytes`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pixfleet.config import ConfigError
+
+MANIFEST_SUFFIXES = (".jsonl", ".csv", ".parquet")
+
+
+@dataclass
+class ImageTable:
+    """Rows whose image columns hold bytes or absolute paths, and where each row came from."""
+
+    table: pd.DataFrame
+    refs: list[str]  # "metadata.jsonl:12", "train[3]": for error messages
+    path: Path
+
+
+def is_datasets_folder(path: Path) -> bool:
+    return (path / "dataset_dict.json").exists() or (
+        (path / "dataset_info.json").exists() and (path / "state.json").exists()
+    )
+
+
+def metadata_file(folder: Path) -> Path | None:
+    """The imagefolder metadata file of `folder`, if it has one."""
+    return next((folder / f"metadata{s}" for s in MANIFEST_SUFFIXES if (folder / f"metadata{s}").exists()), None)
+
+
+def read_image_table(
+    path: Path, columns: Mapping[str, str], image_columns: set[str], limit: int | None, field: str
+) -> ImageTable:
+    """Read the table at `path`, keep at most `limit` rows, check it has every column.
+
+    `columns` maps a label for error messages ("image_column") to a column name; `field` names
+    the config field that gave `path`. Raises ConfigError naming what is wrong.
+    """
+    if path.is_dir() and is_datasets_folder(path):
+        loaded = _datasets_folder(path, image_columns, limit, field)
+    else:
+        file = metadata_file(path) if path.is_dir() else path
+        if file is None or file.suffix not in MANIFEST_SUFFIXES:
+            raise ConfigError(f"{field} {path}: not a .jsonl, .csv or .parquet table or a folder with one")
+        loaded = _manifest_file(file, limit, field)
+    if loaded.table.empty:
+        raise ConfigError(f"{field} {path}: no rows")
+    missing = [f"{label} ({name})" for label, name in columns.items() if name not in loaded.table.columns]
+    if missing:
+        raise ConfigError(
+            f"{field} {path}: no column for {', '.join(missing)}; columns are {', '.join(loaded.table.columns)}"
+        )
+    base = loaded.path if loaded.path.is_dir() else loaded.path.parent
+    for column in image_columns:
+        loaded.table[column] = [_image_ref(value, base) for value in loaded.table[column]]
+    return loaded
+
+
+def _manifest_file(path: Path, limit: int | None, field: str) -> ImageTable:
+    try:
+        if path.suffix == ".jsonl":
+            table = pd.read_json(path, lines=True, dtype=False)
+        elif path.suffix == ".csv":
+            table = pd.read_csv(path, dtype=str, keep_default_na=False)
+        else:
+            table = pd.read_parquet(path)
+    except Exception as error:
+        raise ConfigError(f"{field} {path}: cannot read table ({error})") from None
+    # imagefolder layout: `file_name` is the `image` column, `x_file_name` is `x`.
+    renames = {c: "image" if c == "file_name" else c.removesuffix("_file_name") for c in table.columns}
+    table = table.rename(columns={c: new for c, new in renames.items() if c.endswith("file_name")})
+    table = table.head(limit) if limit else table
+    return ImageTable(table.reset_index(drop=True), [f"{path.name}:{i + 1}" for i in range(len(table))], path)
+
+
+def _datasets_folder(path: Path, image_columns: set[str], limit: int | None, field: str) -> ImageTable:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as error:
+        raise ConfigError(f"{field} {path}: cannot load dataset ({error})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+    if limit:
+        ds = ds.select(range(min(limit, len(ds))))
+    for column in image_columns & set(ds.column_names):  # raw {bytes, path}, not decoded PIL images
+        ds = ds.cast_column(column, datasets.Image(decode=False))
+    return ImageTable(ds.to_pandas(), [f"{path.name}[{i}]" for i in range(len(ds))], path)
+
+
+def _image_ref(value: Any, base: Path) -> Any:
+    """Relative paths resolve against the table's folder; bytes stay bytes."""
+    if isinstance(value, dict):  # {"bytes": ..., "path": ...} as `datasets` stores images
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, str) and value and not Path(value).is_absolute():
+        return str(base / value)
+    return value
+
+
+def read_image_bytes(value: Any) -> bytes | None:
+    """Bytes as they are; a path read from disk; a missing file or other value is None."""
+    if isinstance(value, bytes):
+        return value
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return Path(value).read_bytes()
+    except OSError:
+        return None
