@@ -39,18 +39,23 @@ def required_components(task: str) -> list[str]:
 
 def check_model_folders(spec: ModelSpec) -> None:
     """Fail fast, before any work, on a local folder that lacks what the task needs."""
-    if looks_local(spec.base_model):
-        index_path = os.path.join(os.path.expanduser(spec.base_model), "model_index.json")
+    check_model_folder(spec.base_model, spec.task, spec.controlnets)
+
+
+def check_model_folder(base_model: str, task: str, controlnets: list[str]) -> None:
+    """`check_model_folders` for a base model and ControlNets not (yet) in a ModelSpec."""
+    if looks_local(base_model):
+        index_path = os.path.join(os.path.expanduser(base_model), "model_index.json")
         if not os.path.isfile(index_path):
-            raise ModelLoadError(f"{spec.base_model}: no model_index.json (not a diffusers pipeline)")
+            raise ModelLoadError(f"{base_model}: no model_index.json (not a diffusers pipeline)")
         with open(index_path) as f:
             index = json.load(f)
-        missing = [name for name in required_components(spec.task) if not index.get(name, [None])[0]]
+        missing = [name for name in required_components(task) if not index.get(name, [None])[0]]
         if missing:
-            raise ModelLoadError(f"{spec.base_model}: task {spec.task!r} needs component(s) {', '.join(missing)}")
-        if spec.task.endswith("pix2pix") and _unet_in_channels(spec.base_model) != 8:
-            raise ModelLoadError(f"{spec.base_model}: task {spec.task!r} needs an 8-channel UNet")
-    for path in spec.controlnets:
+            raise ModelLoadError(f"{base_model}: task {task!r} needs component(s) {', '.join(missing)}")
+        if task.endswith("pix2pix") and _unet_in_channels(base_model) != 8:
+            raise ModelLoadError(f"{base_model}: task {task!r} needs an 8-channel UNet")
+    for path in controlnets:
         if looks_local(path) and not os.path.isfile(os.path.join(os.path.expanduser(path), "config.json")):
             raise ModelLoadError(f"{path}: no config.json (not a ControlNet folder)")
 

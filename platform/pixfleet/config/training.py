@@ -1,0 +1,119 @@
+"""A ControlNet fine-tuning job: train_controlnet.py's options, distribution, tracking."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from pixfleet.config.base import StrictModel
+from pixfleet.config.paths import ExistingPath, ModelOrPath
+from pixfleet.config.tracking import TrackingConfig
+
+
+class ControlNetTrainingArgs(StrictModel):
+    """The options of diffusers' examples/controlnet/train_controlnet.py, same names and defaults."""
+
+    pretrained_model_name_or_path: ModelOrPath = Field(description="Base Stable Diffusion pipeline, hub id or folder.")
+    controlnet_model_name_or_path: ModelOrPath | None = Field(
+        None, description="ControlNet to start from; unset initialises one from the UNet."
+    )
+    revision: str | None = Field(None, description="Hub revision of the base model.")
+    variant: str | None = Field(None, description="Weights variant of the base model, e.g. 'fp16'.")
+    output_dir: str = Field("controlnet-model", description="Where the trained ControlNet is saved.")
+    seed: int | None = Field(None, description="Seed for reproducible training.")
+    resolution: int = Field(512, ge=8, description="Images are resized and center-cropped to this size.")
+    train_batch_size: int = Field(4, ge=1, description="Batch size per worker.")
+    num_train_epochs: int = Field(1, ge=1, description="Epochs; max_train_steps wins when set.")
+    max_train_steps: int | None = Field(None, ge=1, description="Total optimizer steps; overrides epochs.")
+    checkpointing_steps: int = Field(500, ge=1, description="Save a resumable checkpoint every N steps.")
+    checkpoints_total_limit: int | None = Field(None, ge=1, description="Keep at most this many checkpoints.")
+    resume_from_checkpoint: str | None = Field(
+        None, description="'latest' resumes the run's last checkpoint; or a checkpoint folder."
+    )
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory in the ControlNet.")
+    learning_rate: float = Field(5e-6, gt=0, description="Initial learning rate (after warmup).")
+    scale_lr: bool = Field(False, description="Scale the learning rate by accumulation steps x batch size x workers.")
+    lr_scheduler: Literal[
+        "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"
+    ] = Field("constant", description="Learning rate schedule.")
+    lr_warmup_steps: int = Field(500, ge=0, description="Warmup steps of the schedule.")
+    lr_num_cycles: int = Field(1, ge=1, description="Hard resets of cosine_with_restarts.")
+    lr_power: float = Field(1.0, description="Power factor of the polynomial schedule.")
+    use_8bit_adam: bool = Field(False, description="bitsandbytes 8-bit Adam (CUDA only).")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="Adam beta1.")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="Adam beta2.")
+    adam_weight_decay: float = Field(1e-2, ge=0, description="Weight decay.")
+    adam_epsilon: float = Field(1e-8, gt=0, description="Adam epsilon.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Autocast precision of frozen parts.")
+    enable_xformers_memory_efficient_attention: bool = Field(False, description="Use xformers attention.")
+    set_grads_to_none: bool = Field(False, description="zero_grad(set_to_none=True): saves memory.")
+    train_data_dir: ExistingPath = Field(
+        description="Training data: imagefolder with metadata.jsonl, parquet, or a save_to_disk folder."
+    )
+    image_column: str = Field("image", description="Column with the target images.")
+    conditioning_image_column: str = Field("conditioning_image", description="Column with the control images.")
+    caption_column: str = Field("text", description="Column with the captions.")
+    max_train_samples: int | None = Field(None, ge=1, description="Truncate the data set to this many rows.")
+    proportion_empty_prompts: float = Field(
+        0.0, ge=0, le=1, description="Share of captions replaced by the empty string."
+    )
+    validation_prompt: list[str] = Field(default_factory=list, description="Prompts of the validation images.")
+    validation_image: list[ExistingPath] = Field(
+        default_factory=list, description="Control images of the validation prompts (one, or one per prompt)."
+    )
+    num_validation_images: int = Field(4, ge=1, description="Images per validation prompt.")
+    validation_steps: int = Field(100, ge=1, description="Run validation every N steps.")
+
+    @model_validator(mode="after")
+    def _validation_pairs(self) -> ControlNetTrainingArgs:
+        prompts, images = len(self.validation_prompt), len(self.validation_image)
+        if (prompts == 0) != (images == 0):
+            raise ValueError("validation_prompt and validation_image must be given together")
+        if 1 not in (prompts, images) and prompts != images:
+            raise ValueError(f"{prompts} validation prompts for {images} validation images: give 1 or as many")
+        return self
+
+
+class DistributedConfig(StrictModel):
+    """How Ray Train runs the loop: workers, strategy, checkpoints, failures."""
+
+    strategy: Literal["deepspeed", "ddp"] = Field("deepspeed", description="DeepSpeed ZeRO or plain DDP.")
+    num_workers: int = Field(2, ge=1, description="Training workers (one per GPU on GPU).")
+    use_gpu: bool = Field(False, description="One GPU per worker.")
+    cpus_per_worker: float = Field(
+        0.5, gt=0, description="CPUs reserved per worker; below 1 leaves room for Ray Data on small machines."
+    )
+    zero_stage: Literal[2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    offload_optimizer: bool = Field(False, description="ZeRO-Offload: optimizer states on CPU (8 GB recipe).")
+    offload_param: bool = Field(False, description="Parameters on CPU (ZeRO stage 3 only).")
+    deepspeed_config: ExistingPath | None = Field(
+        None, description="A DeepSpeed JSON whose keys override the generated config."
+    )
+    storage_path: str = Field("outputs/ray_train", description="Where Ray Train keeps checkpoints.")
+    max_failures: int = Field(0, ge=-1, description="Worker failures to recover from (-1: unlimited).")
+
+    @model_validator(mode="after")
+    def _offload_param_needs_stage_3(self) -> DistributedConfig:
+        if self.offload_param and self.zero_stage != 3:
+            raise ValueError("offload_param needs zero_stage: 3")
+        return self
+
+
+class RegistryConfig(StrictModel):
+    """MLflow model registry entry for the trained ControlNet."""
+
+    model_name: str | None = Field(None, description="Registered model name; unset skips registration.")
+    alias: str | None = Field(None, description="Alias set on the new version, e.g. 'champion'.")
+
+
+class TrainingJobConfig(StrictModel):
+    """A ControlNet fine-tuning job, as written in `pipelines_cfg/train_*.yaml`."""
+
+    name: str = Field("train-controlnet", description="Run name, for Ray Train and MLflow.")
+    train: ControlNetTrainingArgs = Field(description="train_controlnet.py options.")
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="Ray Train setup.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow.")
+    registry: RegistryConfig = Field(default_factory=RegistryConfig, description="Model registry.")

@@ -1,0 +1,1 @@
+"""ControlNet fine-tuning on Ray Train: data ingest, the per-worker loop, strategies, the driver."""

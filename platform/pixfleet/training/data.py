@@ -1,0 +1,106 @@
+"""Training data on Ray Data: read, decode, resize/crop, normalise and tokenize on CPU.
+
+Columns out, per example (what the training step consumes):
+  pixel_values               float32 (3, R, R) in [-1, 1]   the target image
+  conditioning_pixel_values  float32 (3, R, R) in [0, 1]    the control image
+  input_ids                  int64 (77,)                    the tokenized caption
+as train_controlnet.py's `make_train_dataset` prepares them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import ray.data
+
+from pixfleet.config import ConfigError
+from pixfleet.config.training import ControlNetTrainingArgs
+from pixfleet.data.tables import read_image_bytes, read_image_table
+from pixfleet.generation.images import RowError, decode_image
+from pixfleet.generation.stages.preprocess_stage import resize
+
+PREPROCESS_CPUS = 0.25  # fractional: leaves room for readers beside the train workers
+MAX_IMAGE_PIXELS = 8192 * 8192
+
+
+def training_dataset(args: ControlNetTrainingArgs) -> ray.data.Dataset:
+    """The preprocessed training set; fails before training starts if it cannot work."""
+    columns = {
+        "image_column": args.image_column,
+        "conditioning_image_column": args.conditioning_image_column,
+        "caption_column": args.caption_column,
+    }
+    image_columns = {args.image_column, args.conditioning_image_column}
+    loaded = read_image_table(
+        Path(args.train_data_dir), columns, image_columns, args.max_train_samples, field="train.train_data_dir"
+    )
+    table = loaded.table[list(dict.fromkeys(columns.values()))].copy()
+    table["source_ref"] = loaded.refs
+    if len(table) < 1:
+        raise ConfigError(f"train.train_data_dir {args.train_data_dir}: no rows")
+    return ray.data.from_pandas(table).map_batches(
+        TrainPreprocess,
+        fn_constructor_args=(args,),
+        batch_format="pandas",
+        num_cpus=PREPROCESS_CPUS,
+        compute=ray.data.ActorPoolStrategy(size=1),
+    )
+
+
+def empty_prompt_chosen(seed: int | None, source_ref: str, proportion: float) -> bool:
+    """Replace this row's caption with ""? Derived from the seed and the row, not call order."""
+    if proportion <= 0:
+        return False
+    digest = hashlib.sha256(f"{seed}:{source_ref}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < proportion
+
+
+class TrainPreprocess:
+    """Callable class for an actor pool: holds the base model's tokenizer."""
+
+    def __init__(self, args: ControlNetTrainingArgs):
+        from transformers import CLIPTokenizer
+
+        self.args = args
+        self.tokenizer = CLIPTokenizer.from_pretrained(
+            args.pretrained_model_name_or_path, subfolder="tokenizer", revision=args.revision
+        )
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        args = self.args
+        captions = []
+        for ref, caption in zip(batch["source_ref"], batch[args.caption_column], strict=True):
+            if isinstance(caption, list | np.ndarray):  # several captions: the script takes one
+                caption = caption[0] if len(caption) else ""
+            if not isinstance(caption, str):
+                raise ConfigError(f"{ref}: {args.caption_column} must be text, got {type(caption).__name__}")
+            captions.append("" if empty_prompt_chosen(args.seed, ref, args.proportion_empty_prompts) else caption)
+        input_ids = self.tokenizer(
+            captions, max_length=self.tokenizer.model_max_length, padding="max_length", truncation=True
+        ).input_ids
+        return pd.DataFrame(
+            {
+                "pixel_values": [
+                    self._image(v, ref, args.image_column) * 2.0 - 1.0
+                    for v, ref in zip(batch[args.image_column], batch["source_ref"], strict=True)
+                ],
+                "conditioning_pixel_values": [
+                    self._image(v, ref, args.conditioning_image_column)
+                    for v, ref in zip(batch[args.conditioning_image_column], batch["source_ref"], strict=True)
+                ],
+                "input_ids": [np.asarray(ids, dtype=np.int64) for ids in input_ids],
+            }
+        )
+
+    def _image(self, value, ref: str, column: str) -> np.ndarray:
+        """CHW float32 in [0, 1], resized (shorter side) and center-cropped to the resolution."""
+        try:
+            array = decode_image(read_image_bytes(value), f"{ref} {column}", MAX_IMAGE_PIXELS)
+        except RowError as error:  # training cannot skip rows silently: name the row and stop
+            raise ConfigError(str(error)) from None
+        size = self.args.resolution
+        array = resize(array, size, size, "center_crop")
+        return np.ascontiguousarray(array.transpose(2, 0, 1), dtype=np.float32) / 255.0

@@ -1,0 +1,230 @@
+"""The per-worker training loop: train_controlnet.py's step under Ray Train.
+
+Runs on every worker. Rank 0 alone logs to MLflow and renders validation images; every rank
+saves checkpoints (DeepSpeed shards its optimizer state across them).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from pixfleet.config.training import ControlNetTrainingArgs, TrainingJobConfig
+from pixfleet.training.strategies import DDPStrategy, DeepSpeedStrategy
+
+TRAINER_STATE = "trainer_state.json"
+CONTROLNET_DIR = "controlnet"
+
+
+@dataclass
+class LoopInputs:
+    """What the driver hands every worker (Ray passes it inside `train_loop_config`)."""
+
+    job: TrainingJobConfig
+    num_rows: int
+    mlflow_tracking_uri: str | None = None
+    mlflow_run_id: str | None = None
+
+
+def max_train_steps(args: ControlNetTrainingArgs, num_rows: int, world_size: int) -> tuple[int, int]:
+    """(optimizer steps in the run, optimizer steps per epoch), as the script computes them."""
+    # Every worker gets an equal shard and drops its last partial batch, so all ranks step alike.
+    batches_per_epoch = num_rows // world_size // args.train_batch_size
+    if batches_per_epoch == 0:
+        raise ValueError(
+            f"{num_rows} rows cannot fill one batch of {args.train_batch_size} on each of {world_size} workers"
+        )
+    steps_per_epoch = max(1, batches_per_epoch // args.gradient_accumulation_steps)
+    return args.max_train_steps or args.num_train_epochs * steps_per_epoch, steps_per_epoch
+
+
+def weight_dtype(mixed_precision: str) -> torch.dtype:
+    return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
+
+
+class Components:
+    """The frozen parts (VAE, text encoder, UNet), the trained ControlNet and the noise schedule."""
+
+    def __init__(self, args: ControlNetTrainingArgs, device: torch.device):
+        from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        base, revision, variant = args.pretrained_model_name_or_path, args.revision, args.variant
+        self.dtype = weight_dtype(args.mixed_precision)
+        self.tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", revision=revision)
+        self.noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
+        self.text_encoder = CLIPTextModel.from_pretrained(
+            base, subfolder="text_encoder", revision=revision, variant=variant
+        )
+        self.vae = AutoencoderKL.from_pretrained(base, subfolder="vae", revision=revision, variant=variant)
+        self.unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", revision=revision, variant=variant)
+        if args.controlnet_model_name_or_path:
+            self.controlnet = ControlNetModel.from_pretrained(args.controlnet_model_name_or_path)
+        else:
+            # Same widths as the UNet; the conditioning embedding must downsample as far as the VAE.
+            downsample = 2 ** (len(self.vae.config.block_out_channels) - 1)
+            channels = (16, 32, 96, 256)[: int(math.log2(downsample)) + 1]
+            self.controlnet = ControlNetModel.from_unet(self.unet, conditioning_embedding_out_channels=channels)
+        for frozen in (self.vae, self.unet, self.text_encoder):
+            frozen.requires_grad_(False)
+            frozen.to(device, dtype=self.dtype)
+        self.controlnet.train()
+        self.controlnet.to(device)
+        if args.gradient_checkpointing:
+            self.controlnet.enable_gradient_checkpointing()
+        if args.enable_xformers_memory_efficient_attention:
+            self.unet.enable_xformers_memory_efficient_attention()
+            self.controlnet.enable_xformers_memory_efficient_attention()
+
+    def loss(self, controlnet, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+        """The script's step: noise the image latents, predict with ControlNet residuals, MSE."""
+        latents = self.vae.encode(batch["pixel_values"].to(self.dtype)).latent_dist.sample(generator)
+        latents = latents * self.vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        timesteps = torch.randint(
+            0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator
+        ).to(latents.device)
+        noisy_latents = self.noise_scheduler.add_noise(latents.float(), noise.float(), timesteps).to(self.dtype)
+        encoder_hidden_states = self.text_encoder(batch["input_ids"], return_dict=False)[0]
+        down_samples, mid_sample = controlnet(
+            noisy_latents,
+            timesteps,
+            encoder_hidden_states=encoder_hidden_states,
+            controlnet_cond=batch["conditioning_pixel_values"].to(self.dtype),
+            return_dict=False,
+        )
+        model_pred = self.unet(
+            noisy_latents,
+            timesteps,
+            encoder_hidden_states=encoder_hidden_states,
+            down_block_additional_residuals=[s.to(self.dtype) for s in down_samples],
+            mid_block_additional_residual=mid_sample.to(self.dtype),
+            return_dict=False,
+        )[0]
+        prediction_type = self.noise_scheduler.config.prediction_type
+        if prediction_type == "epsilon":
+            target = noise
+        elif prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            raise ValueError(f"unknown prediction_type {prediction_type!r} in the base model's scheduler")
+        return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point: `config["inputs"]` is a LoopInputs."""
+    import ray.train
+    import ray.train.torch
+
+    inputs: LoopInputs = config["inputs"]
+    job, args = inputs.job, inputs.job.train
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+
+    # 1. Components, learning rate and the step budget.
+    if args.seed is not None:
+        torch.manual_seed(args.seed)  # same ControlNet init on every rank
+    parts = Components(args, device)
+    total_steps, steps_per_epoch = max_train_steps(args, inputs.num_rows, world_size)
+    learning_rate = args.learning_rate
+    if args.scale_lr:
+        learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * world_size
+
+    # 2. The strategy wraps the ControlNet: DDP or a DeepSpeed engine.
+    if job.distributed.strategy == "deepspeed":
+        strategy = DeepSpeedStrategy(parts.controlnet, args, job.distributed, learning_rate, total_steps)
+    else:
+        strategy = DDPStrategy(parts.controlnet, args, learning_rate, total_steps)
+
+    # 3. Resume: a restarted worker group or a rerun gets Ray Train's latest checkpoint.
+    global_step, first_epoch = 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and args.resume_from_checkpoint not in (None, "latest"):
+        checkpoint = ray.train.Checkpoint.from_directory(args.resume_from_checkpoint)
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            strategy.load(Path(folder))
+            state = json.loads((Path(folder) / TRAINER_STATE).read_text())
+        global_step = state["global_step"]
+        first_epoch = global_step // steps_per_epoch
+    tracker = _RankZeroTracker(inputs) if rank == 0 else None
+
+    # 4. The loop: epochs over this worker's shard, micro-batches accumulated into steps.
+    generator = torch.Generator(device="cpu").manual_seed((args.seed or 0) * 1000 + rank + global_step)
+    shard = ray.train.get_dataset_shard("train")
+    start = time.perf_counter()
+    for epoch in range(first_epoch, math.ceil(total_steps / steps_per_epoch)):
+        for batch in shard.iter_torch_batches(batch_size=args.train_batch_size, device=device, drop_last=True):
+            with strategy.sync_context():
+                loss = parts.loss(strategy.model, batch, generator)
+                strategy.backward(loss)
+            if not strategy.step():
+                continue
+            global_step += 1
+            seconds, start = time.perf_counter() - start, time.perf_counter()
+            samples = args.train_batch_size * args.gradient_accumulation_steps * world_size
+            metrics = {
+                "loss": float(loss.detach()),
+                "lr": strategy.learning_rate,
+                "samples_per_second": samples / seconds,
+                "step": global_step,
+                "epoch": epoch,
+            }
+            if tracker:
+                tracker.log_metrics(metrics, global_step)
+                if args.validation_prompt and global_step % args.validation_steps == 0:
+                    tracker.log_validation(parts, strategy.module, args, global_step)
+            if global_step % args.checkpointing_steps == 0 or global_step == total_steps:
+                _report_with_checkpoint(strategy, metrics, rank, global_step)
+            else:
+                ray.train.report(metrics)
+            if global_step >= total_steps:
+                break
+        if global_step >= total_steps:
+            break
+
+
+def _report_with_checkpoint(strategy, metrics: dict, rank: int, global_step: int) -> None:
+    """Every rank writes its part into its own folder; Ray Train merges them in storage."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        strategy.save(folder, rank)
+        if rank == 0:
+            (folder / TRAINER_STATE).write_text(json.dumps({"global_step": global_step}))
+            strategy.module.save_pretrained(folder / CONTROLNET_DIR, safe_serialization=True)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+class _RankZeroTracker:
+    """MLflow logging into the driver's run, from rank 0."""
+
+    def __init__(self, inputs: LoopInputs):
+        from mlflow import MlflowClient
+
+        self.run_id = inputs.mlflow_run_id
+        self.client = MlflowClient(inputs.mlflow_tracking_uri) if self.run_id else None
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if self.client:
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def log_validation(self, parts: Components, controlnet, args: ControlNetTrainingArgs, step: int) -> None:
+        from pixfleet.training.validation import validation_grid
+
+        grid = validation_grid(parts, controlnet, args)
+        if self.client:
+            self.client.log_image(self.run_id, grid, f"validation/step_{step:06d}.png")

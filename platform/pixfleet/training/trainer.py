@@ -1,0 +1,145 @@
+"""Run a ControlNet fine-tuning job: check, ingest, train on Ray Train, save, track, register."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from pixfleet.cluster import ensure_ray
+from pixfleet.config import ConfigError
+from pixfleet.config.paths import looks_local
+from pixfleet.config.training import TrainingJobConfig
+from pixfleet.models.loading import check_model_folder
+from pixfleet.tracking import mlflow_run
+from pixfleet.training.data import training_dataset
+from pixfleet.training.loop import CONTROLNET_DIR, LoopInputs, max_train_steps, train_loop_per_worker
+
+
+@dataclass
+class TrainingSummary:
+    """What a training run produced."""
+
+    steps: int
+    final_loss: float | None
+    output_dir: str
+    checkpoint_path: str | None
+    mlflow_run_id: str | None = None
+    model_version: str | None = None
+
+    def render(self) -> str:
+        lines = [
+            f"steps              {self.steps}",
+            f"final loss         {self.final_loss if self.final_loss is not None else '-'}",
+            f"controlnet         {self.output_dir}",
+            f"last checkpoint    {self.checkpoint_path or '-'}",
+            f"mlflow run         {self.mlflow_run_id or '-'}",
+            f"model version      {self.model_version or '-'}",
+        ]
+        return "\n".join(lines)
+
+
+def run_training(job: TrainingJobConfig, address: str | None = None) -> TrainingSummary:
+    """Train to max_train_steps (resuming when asked), save the ControlNet, track and register it."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    job = _with_absolute_paths(job)  # workers may not share the driver's working directory
+    args, dist = job.train, job.distributed
+    storage = Path(dist.storage_path)
+
+    # 1. Check inputs before any work: model folders, data columns, the step budget, old runs.
+    controlnets = [args.controlnet_model_name_or_path] if args.controlnet_model_name_or_path else []
+    check_model_folder(args.pretrained_model_name_or_path, "controlnet", controlnets)
+    if args.resume_from_checkpoint is None and (storage / job.name).exists():
+        raise ConfigError(
+            f"{storage / job.name} holds an earlier run named {job.name!r}: set train.resume_from_checkpoint: latest "
+            "to continue it, or choose another name"
+        )
+    ensure_ray(address)
+    dataset = training_dataset(args)
+    num_rows = dataset.count()
+    try:
+        total_steps, _ = max_train_steps(args, num_rows, dist.num_workers)
+    except ValueError as error:
+        raise ConfigError(f"train.train_batch_size: {error}") from None
+
+    # 2. Train under one MLflow run; rank 0 logs into it.
+    with mlflow_run(job.tracking, job.name, job.model_dump(mode="json")) as mlflow:
+        inputs = LoopInputs(
+            job=job,
+            num_rows=num_rows,
+            mlflow_tracking_uri=mlflow.get_tracking_uri() if mlflow else None,
+            mlflow_run_id=mlflow.active_run().info.run_id if mlflow else None,
+        )
+        resources = {"CPU": dist.cpus_per_worker} | ({"GPU": 1} if dist.use_gpu else {})
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"inputs": inputs},
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=dist.num_workers, use_gpu=dist.use_gpu, resources_per_worker=resources
+            ),
+            run_config=ray.train.RunConfig(
+                name=job.name,
+                storage_path=str(storage),
+                failure_config=ray.train.FailureConfig(max_failures=dist.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=args.checkpoints_total_limit),
+            ),
+            datasets={"train": dataset},
+        )
+        result = trainer.fit()
+
+        # 3. The final ControlNet, in diffusers format, from the last checkpoint.
+        output_dir = Path(args.output_dir).resolve()
+        with result.checkpoint.as_directory() as folder:
+            if output_dir.exists():
+                shutil.rmtree(output_dir)
+            shutil.copytree(Path(folder) / CONTROLNET_DIR, output_dir)
+        metrics = result.metrics or {}
+        summary = TrainingSummary(
+            steps=int(metrics.get("step", total_steps)),
+            final_loss=metrics.get("loss"),
+            output_dir=str(output_dir),
+            checkpoint_path=result.checkpoint.path,
+        )
+        if mlflow:
+            summary.mlflow_run_id = mlflow.active_run().info.run_id
+            mlflow.log_artifacts(str(output_dir), artifact_path=CONTROLNET_DIR)
+            summary.model_version = _register(mlflow, job, summary.mlflow_run_id)
+    return summary
+
+
+def _with_absolute_paths(job: TrainingJobConfig) -> TrainingJobConfig:
+    def absolute(value: str | None) -> str | None:
+        return str(Path(value).expanduser().resolve()) if value and looks_local(value) else value
+
+    args = job.train
+    train = args.model_copy(
+        update={
+            "pretrained_model_name_or_path": absolute(args.pretrained_model_name_or_path),
+            "controlnet_model_name_or_path": absolute(args.controlnet_model_name_or_path),
+            "train_data_dir": absolute(args.train_data_dir),
+            "output_dir": absolute(args.output_dir),
+            "validation_image": [absolute(p) for p in args.validation_image],
+            "resume_from_checkpoint": args.resume_from_checkpoint
+            if args.resume_from_checkpoint in (None, "latest")
+            else absolute(args.resume_from_checkpoint),
+        }
+    )
+    distributed = job.distributed.model_copy(update={"storage_path": absolute(job.distributed.storage_path)})
+    return job.model_copy(update={"train": train, "distributed": distributed})
+
+
+def _register(mlflow, job: TrainingJobConfig, run_id: str) -> str | None:
+    """A model version pointing at the run's ControlNet folder; the alias moves to it."""
+    name, alias = job.registry.model_name, job.registry.alias
+    if not name:
+        return None
+    client = mlflow.MlflowClient()
+    if not client.search_registered_models(filter_string=f"name = '{name}'"):
+        client.create_registered_model(name)
+    source = f"{mlflow.get_artifact_uri(CONTROLNET_DIR)}"
+    version = client.create_model_version(name, source=source, run_id=run_id)
+    if alias:
+        client.set_registered_model_alias(name, alias, version.version)
+    return f"models:/{name}/{version.version}"
