@@ -1,4 +1,4 @@
-"""The `pixfleet` command line: generate, models, data."""
+"""The `pixfleet` command line: generate, train, models, data."""
 
 from __future__ import annotations
 
@@ -80,6 +80,34 @@ def generate(
         _fail(str(error))
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the MLflow run is already marked KILLED
         typer.secho("interrupted; rerun the same command to resume", fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(130) from None
+    typer.echo(summary.render())
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="Training job YAML.")],
+    set_: SetOption = None,
+    address: AddressOption = None,
+) -> None:
+    """Fine-tune a ControlNet on Ray Train (DeepSpeed or DDP)."""
+    from pixfleet.config import load_config
+    from pixfleet.config.training import TrainingJobConfig
+    from pixfleet.models.loading import ModelLoadError
+    from pixfleet.training.strategies import TrainingSetupError
+    from pixfleet.training.trainer import run_training
+
+    try:
+        job = load_config(TrainingJobConfig, config, set_ or [])
+        summary = run_training(job, address=address or os.environ.get("RAY_ADDRESS"))
+    except (ConfigError, ModelLoadError, TrainingSetupError) as error:
+        _fail(str(error))
+    except KeyboardInterrupt:
+        typer.secho(
+            "interrupted; rerun with --set train.resume_from_checkpoint=latest to resume",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
         raise typer.Exit(130) from None
     typer.echo(summary.render())
 

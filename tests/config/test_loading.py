@@ -8,9 +8,11 @@ import pytest
 import yaml
 
 from pixfleet.config import ConfigError, GenerationJobConfig, load_config
+from pixfleet.config.training import TrainingJobConfig
 
 PIPELINES_CFG = Path(__file__).resolve().parents[2] / "pipelines_cfg"
 GENERATION_YAMLS = sorted(p for p in PIPELINES_CFG.glob("*.yaml") if not p.name.startswith("train"))
+TRAINING_YAMLS = sorted(PIPELINES_CFG.glob("train_*.yaml"))
 
 
 def test_the_seed_pipelines_are_shipped():
@@ -32,6 +34,20 @@ def test_every_pipeline_yaml_validates(project_dir, monkeypatch, path):
     job = load_config(GenerationJobConfig, path)
     assert job.name == path.stem
     assert job.model.task in path.read_text()
+
+
+@pytest.mark.parametrize("path", TRAINING_YAMLS, ids=lambda p: p.stem)
+def test_every_training_yaml_validates(project_dir, monkeypatch, path):
+    monkeypatch.chdir(project_dir)
+    job = load_config(TrainingJobConfig, path)
+    assert job.name == path.stem
+    assert job.distributed.strategy == "deepspeed" and job.registry.alias == "champion"
+
+
+def test_training_config_refuses_offload_param_below_zero_3(project_dir, monkeypatch):
+    monkeypatch.chdir(project_dir)
+    with pytest.raises(ConfigError, match=r"train_tiny.yaml: field 'distributed': offload_param needs zero_stage: 3"):
+        load_config(TrainingJobConfig, PIPELINES_CFG / "train_tiny.yaml", ["distributed.offload_param=true"])
 
 
 def test_multicontrolnet_yaml_carries_one_scale_per_controlnet(project_dir, monkeypatch):
@@ -116,7 +132,7 @@ def test_set_override_of_unknown_key_is_refused(tmp_path, project_dir):
 def test_every_field_is_documented():
     from pydantic import BaseModel
 
-    seen, pending = set(), [GenerationJobConfig]
+    seen, pending = set(), [GenerationJobConfig, TrainingJobConfig]
     while pending:
         model = pending.pop()
         if model in seen:
@@ -127,4 +143,4 @@ def test_every_field_is_documented():
             for arg in getattr(field.annotation, "__args__", (field.annotation,)):
                 inner = getattr(arg, "__args__", (arg,))
                 pending += [t for t in inner if isinstance(t, type) and issubclass(t, BaseModel)]
-    assert len(seen) >= 10
+    assert len(seen) >= 14

@@ -165,7 +165,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(first_epoch, math.ceil(total_steps / steps_per_epoch)):
         for batch in shard.iter_torch_batches(batch_size=args.train_batch_size, device=device, drop_last=True):
             with strategy.sync_context():
-                loss = parts.loss(strategy.model, batch, generator)
+                with torch.autocast(device.type, dtype=parts.dtype, enabled=args.mixed_precision != "no"):
+                    loss = parts.loss(strategy.model, batch, generator)
                 strategy.backward(loss)
             if not strategy.step():
                 continue

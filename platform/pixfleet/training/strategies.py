@@ -25,6 +25,16 @@ class TrainingSetupError(RuntimeError):
     """The requested setup cannot run here (e.g. 8-bit Adam without CUDA)."""
 
 
+def check_setup(args: ControlNetTrainingArgs, dist: DistributedConfig) -> None:
+    """Refuse, before any worker starts, a setup that cannot run with these resources."""
+    if args.use_8bit_adam and dist.strategy == "deepspeed":
+        raise TrainingSetupError("use_8bit_adam applies to the ddp strategy; DeepSpeed brings its own AdamW")
+    if args.use_8bit_adam and not dist.use_gpu:
+        raise TrainingSetupError("use_8bit_adam needs bitsandbytes on a CUDA GPU; set it false on CPU")
+    if args.mixed_precision == "fp16" and not dist.use_gpu:
+        raise TrainingSetupError("mixed_precision fp16 needs a GPU; use bf16 or no on CPU")
+
+
 def deepspeed_config(args: ControlNetTrainingArgs, dist: DistributedConfig, learning_rate: float) -> dict[str, Any]:
     """The DeepSpeed config from the typed config; a user JSON's keys override it (deep merge)."""
     zero: dict[str, Any] = {"stage": dist.zero_stage, "overlap_comm": True, "contiguous_gradients": True}
@@ -81,8 +91,6 @@ def _lr_scheduler(args: ControlNetTrainingArgs, optimizer, max_train_steps: int)
 
 def _adamw(args: ControlNetTrainingArgs, params, learning_rate: float) -> torch.optim.Optimizer:
     if args.use_8bit_adam:
-        if not torch.cuda.is_available():
-            raise TrainingSetupError("use_8bit_adam needs bitsandbytes on a CUDA GPU; set it false on CPU")
         try:
             import bitsandbytes as bnb
         except ImportError:
@@ -167,8 +175,6 @@ class DeepSpeedStrategy:
     ):
         import deepspeed
 
-        if args.use_8bit_adam:
-            raise TrainingSetupError("use_8bit_adam applies to the ddp strategy; DeepSpeed brings its own AdamW")
         self.args = args
         self.engine, self.optimizer, _, self.lr_scheduler = deepspeed.initialize(
             model=controlnet,

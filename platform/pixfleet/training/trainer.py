@@ -14,6 +14,7 @@ from pixfleet.models.loading import check_model_folder
 from pixfleet.tracking import mlflow_run
 from pixfleet.training.data import training_dataset
 from pixfleet.training.loop import CONTROLNET_DIR, LoopInputs, max_train_steps, train_loop_per_worker
+from pixfleet.training.strategies import check_setup
 
 
 @dataclass
@@ -51,6 +52,7 @@ def run_training(job: TrainingJobConfig, address: str | None = None) -> Training
     # 1. Check inputs before any work: model folders, data columns, the step budget, old runs.
     controlnets = [args.controlnet_model_name_or_path] if args.controlnet_model_name_or_path else []
     check_model_folder(args.pretrained_model_name_or_path, "controlnet", controlnets)
+    check_setup(args, dist)
     if args.resume_from_checkpoint is None and (storage / job.name).exists():
         raise ConfigError(
             f"{storage / job.name} holds an earlier run named {job.name!r}: set train.resume_from_checkpoint: latest "

@@ -1,0 +1,170 @@
+"""ControlNet fine-tuning on Ray Train: loss falls, checkpoints resume, outputs load, runs are tracked."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import psutil
+import pytest
+import torch
+
+from pixfleet.config.training import TrainingJobConfig
+from pixfleet.training.trainer import run_training
+
+pytestmark = [pytest.mark.timeout(420), pytest.mark.usefixtures("ray_session")]
+
+
+@pytest.fixture(scope="module")
+def train_data(tmp_path_factory) -> Path:
+    from pixfleet.data.fill50k import make_fill50k
+
+    return make_fill50k(tmp_path_factory.mktemp("train") / "fill50k", n=32, size=32, seed=1)
+
+
+def train_job(tiny_dir, data: Path, tmp_path: Path, strategy: str, name: str = "run", **train) -> TrainingJobConfig:
+    """2 workers, 32 px, batch 4: 4 steps an epoch over 32 rows."""
+    return TrainingJobConfig.model_validate(
+        {
+            "name": name,
+            "train": {
+                "pretrained_model_name_or_path": str(tiny_dir / "controlnet"),
+                "train_data_dir": str(data),
+                "output_dir": str(tmp_path / "controlnet"),
+                "resolution": 32,
+                "train_batch_size": 4,
+                "learning_rate": 1e-3,
+                "lr_warmup_steps": 0,
+                "seed": 0,
+                **train,
+            },
+            "distributed": {"strategy": strategy, "num_workers": 2, "storage_path": str(tmp_path / "ray_train")},
+            "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "tests"},
+            "registry": {"model_name": "tiny-controlnet", "alias": "champion"},
+        }
+    )
+
+
+def metric_history(tmp_path: Path, run_id: str, key: str = "loss") -> list[tuple[int, float]]:
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    history = mlflow.MlflowClient().get_metric_history(run_id, key)
+    return sorted((m.step, m.value) for m in history)
+
+
+def assert_loss_falls(losses: list[float], window: int = 6) -> None:
+    first, last = np.mean(losses[:window]), np.mean(losses[-window:])
+    assert last < 0.92 * first, f"loss did not fall: first {first:.4f}, last {last:.4f}"
+
+
+def test_ddp_loss_falls_and_the_controlnet_loads_from_folder_and_registry(tiny_dir, train_data, tmp_path):
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    image = str(train_data / "conditioning_images" / "000000.png")
+    job = train_job(
+        tiny_dir,
+        train_data,
+        tmp_path,
+        "ddp",
+        max_train_steps=24,
+        checkpointing_steps=12,
+        validation_prompt=["red circle with blue background"],
+        validation_image=[image],
+        num_validation_images=2,
+        validation_steps=24,
+    )
+    summary = run_training(job)
+
+    # The step count and a loss that falls.
+    history = metric_history(tmp_path, summary.mlflow_run_id)
+    assert [step for step, _ in history] == list(range(1, 25))
+    assert_loss_falls([loss for _, loss in history])
+
+    # MLflow: finished, params, per-step lr and throughput, validation grid, the model.
+    run = mlflow.get_run(summary.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.learning_rate"] == "0.001"
+    assert run.data.metrics["samples_per_second"] > 0 and run.data.metrics["lr"] == pytest.approx(1e-3)
+    client = mlflow.MlflowClient()
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "validation")] == ["validation/step_000024.png"]
+
+    # The saved ControlNet (safetensors) loads into a plain diffusers pipeline and generates.
+    assert (Path(summary.output_dir) / "diffusion_pytorch_model.safetensors").exists()
+    controlnet = ControlNetModel.from_pretrained(summary.output_dir)
+    pipe = StableDiffusionControlNetPipeline.from_pretrained(str(tiny_dir / "controlnet"), controlnet=controlnet)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("red circle", image=torch.rand(1, 3, 32, 32), num_inference_steps=2, height=32, width=32)
+    assert np.asarray(out.images[0]).shape == (32, 32, 3)
+
+    # The registered version's alias resolves to the same weights.
+    assert summary.model_version == "models:/tiny-controlnet/1"
+    registered = mlflow.artifacts.download_artifacts("models:/tiny-controlnet@champion", dst_path=str(tmp_path / "dl"))
+    from_registry = ControlNetModel.from_pretrained(registered)
+    for (name, a), (_, b) in zip(controlnet.state_dict().items(), from_registry.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_deepspeed_checkpoints_hold_every_rank_and_a_rerun_resumes_the_step_count(tiny_dir, train_data, tmp_path):
+    job = train_job(tiny_dir, train_data, tmp_path, "deepspeed", max_train_steps=8, checkpointing_steps=4)
+    first = run_training(job)
+
+    checkpoint = Path(first.checkpoint_path)
+    files = {p.name for p in checkpoint.rglob("*") if p.is_file()}
+    # ZeRO-2: each rank's optimizer shard is in the one checkpoint, beside the model states.
+    assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= files
+    assert "mp_rank_00_model_states.pt" in files and "diffusion_pytorch_model.safetensors" in files
+
+    resumed_job = job.model_copy(
+        update={"train": job.train.model_copy(update={"max_train_steps": 16, "resume_from_checkpoint": "latest"})}
+    )
+    second = run_training(resumed_job)
+
+    second_steps = [step for step, _ in metric_history(tmp_path, second.mlflow_run_id)]
+    assert second_steps == list(range(9, 17))  # continued from step 8, not restarted
+    losses = [v for _, v in metric_history(tmp_path, first.mlflow_run_id)]
+    losses += [v for _, v in metric_history(tmp_path, second.mlflow_run_id)]
+    assert_loss_falls(losses, window=4)
+
+
+def test_a_rerun_without_resume_refuses_to_overwrite_the_old_run(tiny_dir, train_data, tmp_path):
+    from pixfleet.config import ConfigError
+
+    (tmp_path / "ray_train" / "run").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"holds an earlier run named 'run': set train.resume_from_checkpoint"):
+        run_training(train_job(tiny_dir, train_data, tmp_path, "ddp", max_train_steps=4))
+
+
+def test_a_killed_worker_resumes_from_the_last_checkpoint(tiny_dir, train_data, tmp_path):
+    job = train_job(tiny_dir, train_data, tmp_path, "ddp", max_train_steps=16, checkpointing_steps=4)
+    job.distributed.max_failures = 1
+    storage = tmp_path / "ray_train" / "run"  # exists once the run has started
+    killed = []
+
+    def kill_a_worker_two_steps_after_the_first_checkpoint():
+        # A checkpoint counts once Ray Train's controller has registered it, a little after
+        # its folder appears: wait until training has moved on past it.
+        client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            runs = client.search_runs(client.get_experiment_by_name("tests").experiment_id) if storage.exists() else []
+            if runs and max((m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")), default=0) >= 6:
+                break
+            time.sleep(0.5)
+        for process in psutil.process_iter(["cmdline"]):
+            if "RayTrainWorker" in " ".join(process.info["cmdline"] or []):
+                process.kill()
+                killed.append(process.pid)
+                return
+
+    killer = threading.Thread(target=kill_a_worker_two_steps_after_the_first_checkpoint, daemon=True)
+    killer.start()
+    summary = run_training(job)
+    killer.join(timeout=5)
+
+    assert killed, "no train worker was found to kill"
+    assert summary.steps == 16
+    steps = [step for step, _ in metric_history(tmp_path, summary.mlflow_run_id)]
+    assert set(steps) == set(range(1, 17))
+    assert steps.count(1) == 1  # restarted from a checkpoint, not from step 0
