@@ -72,11 +72,12 @@ def generate(
     from pixfleet.config import GenerationJobConfig, load_config
     from pixfleet.generation.job import GenerationFailed, run_generation
     from pixfleet.models.loading import ModelLoadError
+    from pixfleet.models.registry import RegistryError
 
     try:
         job = load_config(GenerationJobConfig, config, set_ or [])
         summary = run_generation(job, address=address or os.environ.get("RAY_ADDRESS"))
-    except (ConfigError, ModelLoadError, GenerationFailed) as error:
+    except (ConfigError, ModelLoadError, RegistryError, GenerationFailed) as error:
         _fail(str(error))
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the MLflow run is already marked KILLED
         typer.secho("interrupted; rerun the same command to resume", fg=typer.colors.YELLOW, err=True)

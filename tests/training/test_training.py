@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from pixfleet.config.training import TrainingJobConfig
+from pixfleet.models.registry import resolve_registry_models
 from pixfleet.training.trainer import run_training
+from tests.helpers import tiny_spec
 
 pytestmark = [pytest.mark.timeout(420), pytest.mark.usefixtures("ray_session")]
 
@@ -104,6 +106,12 @@ def test_ddp_loss_falls_and_the_controlnet_loads_from_folder_and_registry(tiny_d
     from_registry = ControlNetModel.from_pretrained(registered)
     for (name, a), (_, b) in zip(controlnet.state_dict().items(), from_registry.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+    # ... and generation resolves the alias to that version.
+    spec = tiny_spec(tiny_dir, "controlnet").model_copy(update={"controlnets": ["models:/tiny-controlnet@champion"]})
+    resolved = resolve_registry_models(spec, f"sqlite:///{tmp_path}/mlflow.db")
+    assert (Path(resolved.controlnets[0]) / "diffusion_pytorch_model.safetensors").read_bytes() == (
+        Path(summary.output_dir) / "diffusion_pytorch_model.safetensors"
+    ).read_bytes()
 
 
 def test_deepspeed_checkpoints_hold_every_rank_and_a_rerun_resumes_the_step_count(tiny_dir, train_data, tmp_path):

@@ -62,7 +62,7 @@ class ModelSpec(StrictModel):
     base_model: ModelOrPath = Field(description="Hub id or local folder of the base pipeline.")
     controlnets: list[ModelOrPath] = Field(
         default_factory=list,
-        description="Hub ids or local folders of the ControlNets; 2+ make a multi-ControlNet.",
+        description="Hub ids, local folders or MLflow URIs (models:/NAME@ALIAS) of the ControlNets; 2+ make a multi.",
     )
     scheduler: SchedulerName | None = Field(None, description="Swap the scheduler by name.")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="torch_dtype the weights load in.")

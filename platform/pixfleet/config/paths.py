@@ -12,8 +12,18 @@ from pydantic import AfterValidator
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
+# MLflow model URIs: a registered version or alias, or a run's artifact folder.
+MLFLOW_SCHEMES = ("models:/", "runs:/")
+
+
+def is_mlflow_uri(value: str) -> bool:
+    return value.startswith(MLFLOW_SCHEMES)
+
+
 def looks_local(value: str) -> bool:
-    """True for a path meant as local: it exists, or it is written like a path, not a hub id."""
+    """True for a path meant as local: it exists, or it is written like a path, not a hub id or URI."""
+    if is_mlflow_uri(value):
+        return False
     return os.path.exists(os.path.expanduser(value)) or not _HUB_ID.match(value)
 
 
@@ -25,7 +35,7 @@ def require_existing(value: str) -> str:
 
 
 ModelOrPath = Annotated[str, AfterValidator(require_existing)]
-"""A hub id, or a local path that must exist."""
+"""A hub id, an MLflow model URI (`models:/NAME@ALIAS`), or a local path that must exist."""
 
 
 def require_local(value: str) -> str:

@@ -16,7 +16,8 @@ from pixfleet.generation.plan import build_plan
 from pixfleet.generation.sink import Manifest
 from pixfleet.generation.sources import open_source
 from pixfleet.models.loading import check_model_folders
-from pixfleet.tracking import mlflow_run
+from pixfleet.models.registry import resolve_registry_models
+from pixfleet.tracking import mlflow_run, tracking_uri
 
 
 class GenerationFailed(RuntimeError):
@@ -58,7 +59,9 @@ class GenerationSummary:
 
 def run_generation(job: GenerationJobConfig, address: str | None = None) -> GenerationSummary:
     """Run `job` to completion (or to its failure budget) and return its summary."""
-    # 1. Check inputs before any work: model folders and the source's rows and columns.
+    # 1. Check inputs before any work: models (MLflow URIs fetched), the source's rows and columns.
+    params = job.model_dump(mode="json")  # as written: MLflow records the URIs, not the cache
+    job = job.model_copy(update={"model": resolve_registry_models(job.model, tracking_uri(job.tracking))})
     check_model_folders(job.model)
     ensure_ray(address)
     source = open_source(job.source, job.model.task, job.model.num_controlnets, job.resources.rows_per_block)
@@ -70,7 +73,7 @@ def run_generation(job: GenerationJobConfig, address: str | None = None) -> Gene
     budget = job.max_failed_fraction * source.num_rows
 
     # 3. Stream the plan; the manifest rows come back as batches finish.
-    with mlflow_run(job.tracking, job.name, job.model_dump(mode="json")) as mlflow:
+    with mlflow_run(job.tracking, job.name, params) as mlflow:
         if mlflow:
             summary.mlflow_run_id = mlflow.active_run().info.run_id
             mlflow.log_param("source.rows", source.num_rows)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import resource
 import tempfile
 import time
 from dataclasses import dataclass
@@ -44,6 +45,13 @@ def max_train_steps(args: ControlNetTrainingArgs, num_rows: int, world_size: int
         )
     steps_per_epoch = max(1, batches_per_epoch // args.gradient_accumulation_steps)
     return args.max_train_steps or args.num_train_epochs * steps_per_epoch, steps_per_epoch
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak CUDA memory allocated on GPU, else the process's peak resident memory."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def weight_dtype(mixed_precision: str) -> torch.dtype:
@@ -177,6 +185,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "loss": float(loss.detach()),
                 "lr": strategy.learning_rate,
                 "samples_per_second": samples / seconds,
+                "peak_memory_mb": peak_memory_mb(device),
                 "step": global_step,
                 "epoch": epoch,
             }

@@ -1,0 +1,52 @@
+"""Models from the MLflow registry: `models:/NAME@ALIAS` (or `runs:/ID/path`) to a local folder."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from pixfleet.config import ModelSpec
+from pixfleet.config.paths import is_mlflow_uri
+
+CACHE = Path.home() / ".cache" / "pixfleet" / "mlflow"
+
+
+class RegistryError(RuntimeError):
+    """An MLflow model URI that does not resolve."""
+
+
+def download_model(uri: str, tracking_uri: str) -> str:
+    """The local folder of `uri`'s artifacts, downloaded once per resolved version."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    try:
+        if uri.startswith("models:/"):
+            name, _, ref = uri.removeprefix("models:/").partition("@")
+            if ref:  # an alias moves: cache by the version it points at now
+                version = client.get_model_version_by_alias(name, ref).version
+            else:
+                name, _, version = uri.removeprefix("models:/").partition("/")
+            key = f"{tracking_uri}|{name}|{version}"
+            source = f"models:/{name}/{version}"
+        else:
+            key, source = f"{tracking_uri}|{uri}", uri
+        folder = CACHE / hashlib.sha256(key.encode()).hexdigest()[:16]
+        if not folder.exists():
+            mlflow.set_tracking_uri(tracking_uri)
+            downloaded = mlflow.artifacts.download_artifacts(source, dst_path=str(folder.with_suffix(".tmp")))
+            Path(downloaded).rename(folder)
+    except Exception as error:
+        raise RegistryError(f"{uri}: cannot resolve in MLflow at {tracking_uri} ({error})") from None
+    return str(folder)
+
+
+def resolve_registry_models(spec: ModelSpec, tracking_uri: str) -> ModelSpec:
+    """`spec` with every MLflow URI replaced by its downloaded folder."""
+
+    def local(value: str) -> str:
+        return download_model(value, tracking_uri) if is_mlflow_uri(value) else value
+
+    return spec.model_copy(
+        update={"base_model": local(spec.base_model), "controlnets": [local(c) for c in spec.controlnets]}
+    )
