@@ -36,3 +36,12 @@ def test_generate_with_bad_config_exits_2_naming_the_field(tmp_path):
     result = runner.invoke(app, ["generate", str(bad)])
     assert result.exit_code == 2
     assert "field 'model.base_model': path does not exist: ./missing" in result.output
+
+
+def test_train_with_bad_config_exits_2_naming_the_field(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {pretrained_model_name_or_path: ./missing, train_data_dir: ./missing, resolutoin: 64}\n")
+    result = runner.invoke(app, ["train", str(bad)])
+    assert result.exit_code == 2
+    assert "field 'train.resolutoin': unknown key" in result.output
+    assert "field 'train.train_data_dir': path does not exist: ./missing" in result.output

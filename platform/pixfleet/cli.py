@@ -96,12 +96,12 @@ def train(
     from pixfleet.config.training import TrainingJobConfig
     from pixfleet.models.loading import ModelLoadError
     from pixfleet.training.strategies import TrainingSetupError
-    from pixfleet.training.trainer import run_training
+    from pixfleet.training.trainer import TrainingFailed, run_training
 
     try:
         job = load_config(TrainingJobConfig, config, set_ or [])
         summary = run_training(job, address=address or os.environ.get("RAY_ADDRESS"))
-    except (ConfigError, ModelLoadError, TrainingSetupError) as error:
+    except (ConfigError, ModelLoadError, TrainingSetupError, TrainingFailed) as error:
         _fail(str(error))
     except KeyboardInterrupt:
         typer.secho(

@@ -176,3 +176,17 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(tiny_dir, train_data, 
     steps = [step for step, _ in metric_history(tmp_path, summary.mlflow_run_id)]
     assert set(steps) == set(range(1, 17))
     assert steps.count(1) == 1  # restarted from a checkpoint, not from step 0
+
+
+def test_a_bad_image_fails_the_run_naming_the_row_and_the_mlflow_run_ends_failed(tiny_dir, train_data, tmp_path):
+    import shutil
+
+    from pixfleet.training.trainer import TrainingFailed
+
+    data = Path(shutil.copytree(train_data, tmp_path / "data"))
+    (data / "images" / "000003.png").write_bytes(b"not a png")
+    with pytest.raises(TrainingFailed, match=r"metadata.jsonl:4 image: cannot decode image"):
+        run_training(train_job(tiny_dir, data, tmp_path, "ddp", max_train_steps=4))
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = mlflow.search_runs(experiment_names=["tests"], output_format="list")
+    assert run.info.status == "FAILED"

@@ -26,8 +26,8 @@ PREPROCESS_CPUS = 0.25  # fractional: leaves room for readers beside the train w
 MAX_IMAGE_PIXELS = 8192 * 8192
 
 
-def training_dataset(args: ControlNetTrainingArgs) -> ray.data.Dataset:
-    """The preprocessed training set; fails before training starts if it cannot work."""
+def training_dataset(args: ControlNetTrainingArgs) -> tuple[ray.data.Dataset, int]:
+    """The lazily preprocessed training set and its row count; a table that cannot work fails here."""
     columns = {
         "image_column": args.image_column,
         "conditioning_image_column": args.conditioning_image_column,
@@ -39,15 +39,14 @@ def training_dataset(args: ControlNetTrainingArgs) -> ray.data.Dataset:
     )
     table = loaded.table[list(dict.fromkeys(columns.values()))].copy()
     table["source_ref"] = loaded.refs
-    if len(table) < 1:
-        raise ConfigError(f"train.train_data_dir {args.train_data_dir}: no rows")
-    return ray.data.from_pandas(table).map_batches(
+    dataset = ray.data.from_pandas(table).map_batches(
         TrainPreprocess,
         fn_constructor_args=(args,),
         batch_format="pandas",
         num_cpus=PREPROCESS_CPUS,
         compute=ray.data.ActorPoolStrategy(size=1),
     )
+    return dataset, len(table)
 
 
 def empty_prompt_chosen(seed: int | None, source_ref: str, proportion: float) -> bool:

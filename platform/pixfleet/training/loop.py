@@ -193,10 +193,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 tracker.log_metrics(metrics, global_step)
                 if args.validation_prompt and global_step % args.validation_steps == 0:
                     tracker.log_validation(parts, strategy.module, args, global_step)
+            # Ray Train reports only with checkpoints: its controller takes one report per
+            # poll (2 s), so a report every step would throttle training; MLflow gets them all.
             if global_step % args.checkpointing_steps == 0 or global_step == total_steps:
                 _report_with_checkpoint(strategy, metrics, rank, global_step)
-            else:
-                ray.train.report(metrics)
             if global_step >= total_steps:
                 break
         if global_step >= total_steps:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,10 @@ from pixfleet.tracking import mlflow_run
 from pixfleet.training.data import training_dataset
 from pixfleet.training.loop import CONTROLNET_DIR, LoopInputs, max_train_steps, train_loop_per_worker
 from pixfleet.training.strategies import check_setup
+
+
+class TrainingFailed(RuntimeError):
+    """The workers failed past `max_failures`; the reason is the last line of the worker error."""
 
 
 @dataclass
@@ -59,8 +64,7 @@ def run_training(job: TrainingJobConfig, address: str | None = None) -> Training
             "to continue it, or choose another name"
         )
     ensure_ray(address)
-    dataset = training_dataset(args)
-    num_rows = dataset.count()
+    dataset, num_rows = training_dataset(args)
     try:
         total_steps, _ = max_train_steps(args, num_rows, dist.num_workers)
     except ValueError as error:
@@ -89,7 +93,12 @@ def run_training(job: TrainingJobConfig, address: str | None = None) -> Training
             ),
             datasets={"train": dataset},
         )
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except ray.train.TrainingFailedError as error:
+            failures = getattr(error, "worker_failures", None) or {}  # rank -> the worker's exception
+            report = "\n".join([str(error), *(str(failure) for failure in failures.values())])
+            raise TrainingFailed(f"training failed: {worker_reason(report)}") from error
 
         # 3. The final ControlNet, in diffusers format, from the last checkpoint.
         output_dir = Path(args.output_dir).resolve()
@@ -109,6 +118,18 @@ def run_training(job: TrainingJobConfig, address: str | None = None) -> Training
             mlflow.log_artifacts(str(output_dir), artifact_path=CONTROLNET_DIR)
             summary.model_version = _register(mlflow, job, summary.mlflow_run_id)
     return summary
+
+
+_EXCEPTION_LINE = re.compile(r"^\s*(?:[\w.]+\.)?(\w+(?:Error|Exception)): (.+)$")
+
+
+def worker_reason(text: str) -> str:
+    """The user-facing line of a worker failure: the last exception not raised by Ray itself."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    raised = [m for m in map(_EXCEPTION_LINE.match, lines) if m and "ray." not in m.group(0).split(":")[0]]
+    if raised:
+        return f"{raised[-1].group(1)}: {raised[-1].group(2)}"
+    return lines[-1].strip() if lines else "unknown error"
 
 
 def _with_absolute_paths(job: TrainingJobConfig) -> TrainingJobConfig:
@@ -140,8 +161,7 @@ def _register(mlflow, job: TrainingJobConfig, run_id: str) -> str | None:
     client = mlflow.MlflowClient()
     if not client.search_registered_models(filter_string=f"name = '{name}'"):
         client.create_registered_model(name)
-    source = f"{mlflow.get_artifact_uri(CONTROLNET_DIR)}"
-    version = client.create_model_version(name, source=source, run_id=run_id)
+    version = client.create_model_version(name, source=mlflow.get_artifact_uri(CONTROLNET_DIR), run_id=run_id)
     if alias:
         client.set_registered_model_alias(name, alias, version.version)
     return f"models:/{name}/{version.version}"
