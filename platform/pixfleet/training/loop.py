@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from pixfleet.config.training import ControlNetTrainingArgs, TrainingJobConfig
 from pixfleet.training.strategies import DDPStrategy, DeepSpeedStrategy
+from pixfleet.training.validation import validation_grid
 
 TRAINER_STATE = "trainer_state.json"
 CONTROLNET_DIR = "controlnet"
@@ -191,8 +192,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             }
             if tracker:
                 tracker.log_metrics(metrics, global_step)
-                if args.validation_prompt and global_step % args.validation_steps == 0:
-                    tracker.log_validation(parts, strategy.module, args, global_step)
+            validating = args.validation_prompt and global_step % args.validation_steps == 0
+            # Under ZeRO-3 every rank must run the forwards that gather the parameters.
+            if validating and (rank == 0 or strategy.partitions_parameters):
+                grid = validation_grid(parts, strategy.module, args)
+                if tracker:
+                    tracker.log_image(grid, f"validation/step_{global_step:06d}.png")
             # Ray Train reports only with checkpoints: its controller takes one report per
             # poll (2 s), so a report every step would throttle training; MLflow gets them all.
             if global_step % args.checkpointing_steps == 0 or global_step == total_steps:
@@ -210,10 +215,20 @@ def _report_with_checkpoint(strategy, metrics: dict, rank: int, global_step: int
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         strategy.save(folder, rank)
+        weights = strategy.full_state_dict()
         if rank == 0:
             (folder / TRAINER_STATE).write_text(json.dumps({"global_step": global_step}))
-            strategy.module.save_pretrained(folder / CONTROLNET_DIR, safe_serialization=True)
+            save_diffusers_model(strategy.module, weights, folder / CONTROLNET_DIR)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def save_diffusers_model(module, state_dict: dict[str, torch.Tensor], folder: Path) -> None:
+    """What `save_pretrained` writes (config.json + safetensors), from weights gathered apart."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    module.save_config(folder)
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, folder / "diffusion_pytorch_model.safetensors")
 
 
 class _RankZeroTracker:
@@ -232,9 +247,6 @@ class _RankZeroTracker:
             now = int(time.time() * 1000)
             self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
-    def log_validation(self, parts: Components, controlnet, args: ControlNetTrainingArgs, step: int) -> None:
-        from pixfleet.training.validation import validation_grid
-
-        grid = validation_grid(parts, controlnet, args)
+    def log_image(self, image, artifact_file: str) -> None:
         if self.client:
-            self.client.log_image(self.run_id, grid, f"validation/step_{step:06d}.png")
+            self.client.log_image(self.run_id, image, artifact_file)

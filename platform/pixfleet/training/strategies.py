@@ -1,8 +1,9 @@
 """Distribution strategies: plain DDP or DeepSpeed ZeRO, behind one small interface.
 
-Both give the loop the same four operations: `backward(loss)`, `step()` (an optimizer step at
-each accumulation boundary: clip, step, schedule, zero grads), `save(dir)` / `load(dir)` (a
-resumable state, called on every rank) and `module` (the bare ControlNet).
+Both give the loop the same operations: `backward(loss)`, `step()` (an optimizer step at each
+accumulation boundary: clip, step, schedule, zero grads), `save(dir)` / `load(dir)` (a
+resumable state, called on every rank), `full_state_dict()` (the whole weights on rank 0,
+gathered under ZeRO-3) and `module` (the bare ControlNet).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,8 @@ def deepspeed_config(args: ControlNetTrainingArgs, dist: DistributedConfig, lear
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": dist.use_gpu}
     if dist.offload_param:
         zero["offload_param"] = {"device": "cpu", "pin_memory": dist.use_gpu}
+    if dist.zero_stage == 3:  # lets `save_16bit_model` gather whole weights for the diffusers folder
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": args.train_batch_size,
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
@@ -120,6 +124,8 @@ class DDPStrategy:
         self.lr_scheduler = _lr_scheduler(args, self.optimizer, max_train_steps)
         self.micro_step = 0
 
+    partitions_parameters = False
+
     def sync_context(self):
         """No gradient all-reduce on micro-steps before an accumulation boundary."""
         at_boundary = (self.micro_step + 1) % self.args.gradient_accumulation_steps == 0
@@ -143,6 +149,9 @@ class DDPStrategy:
     @property
     def learning_rate(self) -> float:
         return self.lr_scheduler.get_last_lr()[0]
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.module.state_dict()
 
     def save(self, folder: Path, rank: int) -> None:
         if rank == 0:  # DDP replicas are identical: one copy
@@ -199,6 +208,20 @@ class DeepSpeedStrategy:
     @property
     def learning_rate(self) -> float:
         return self.lr_scheduler.get_last_lr()[0]
+
+    @property
+    def partitions_parameters(self) -> bool:
+        """ZeRO-3: each rank holds a slice of every parameter; forwards gather them collectively."""
+        return self.engine.zero_optimization_stage() == 3
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The whole ControlNet's weights on rank 0 (None elsewhere). Every rank must call it."""
+        if not self.partitions_parameters:
+            return self.module.state_dict()
+        with tempfile.TemporaryDirectory() as tmp:
+            self.engine.save_16bit_model(tmp, "controlnet.bin")  # gathers; keeps the weights' own dtype
+            path = Path(tmp) / "controlnet.bin"
+            return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
 
     def save(self, folder: Path, rank: int) -> None:
         # Every rank: ZeRO shards live on each, and a rank-0-only save deadlocks in its barrier.
