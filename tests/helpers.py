@@ -97,3 +97,38 @@ def png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def write_job_yaml(job, path: Path) -> Path:
+    """A job config as the YAML a user would pass to the CLI."""
+    import yaml
+
+    path.write_text(yaml.safe_dump(job.model_dump(mode="json")))
+    return path
+
+
+def start_cli(command: str, config_path: Path, cwd: Path):
+    """`pixfleet COMMAND CONFIG` in a subprocess with its own embedded Ray."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "pixfleet.cli", command, str(config_path)],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: the embedded Ray goes down with it
+    )
+
+
+def kill_group(process) -> None:
+    """SIGKILL a `start_cli` process and everything it started."""
+    import contextlib
+    import os
+    import signal
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -14,11 +10,10 @@ import mlflow
 import pandas as pd
 import psutil
 import pytest
-import yaml
 
 from pixfleet.generation import columns as C
 from pixfleet.generation.job import run_generation
-from tests.helpers import tiny_job
+from tests.helpers import kill_group, start_cli, tiny_job, write_job_yaml
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -73,28 +68,6 @@ def test_an_actor_killed_half_way_costs_nothing(tiny_dir, project_dir, tmp_path)
     _assert_complete(out, 24)
 
 
-def _write_job_yaml(job, path):
-    path.write_text(yaml.safe_dump(job.model_dump(mode="json")))
-    return path
-
-
-def _start_cli(config_path, cwd):
-    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "pixfleet.cli", "generate", str(config_path)],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group: the embedded Ray goes down with it
-    )
-
-
-def _kill_group(process) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-
-
 @pytest.mark.usefixtures("ray_session")
 def test_a_killed_driver_resumes_recomputing_only_unfinished_rows(tiny_dir, tmp_path):
     from pixfleet.data.fill50k import make_fill50k
@@ -103,9 +76,9 @@ def test_a_killed_driver_resumes_recomputing_only_unfinished_rows(tiny_dir, tmp_
     data = make_fill50k(tmp_path / "data", n=rows, size=64, seed=4)
     out = tmp_path / "out"
     job = _small_batches_job(tiny_dir, data, out)
-    driver = _start_cli(_write_job_yaml(job, tmp_path / "job.yaml"), tmp_path)
+    driver = start_cli("generate", write_job_yaml(job, tmp_path / "job.yaml"), tmp_path)
     _wait_for_files(out / "manifest", "part-*.parquet", 1)
-    _kill_group(driver)  # the driver and its whole embedded Ray, at once
+    kill_group(driver)  # the driver and its whole embedded Ray, at once
     driver.wait(timeout=30)
 
     finished = {p.stem: p.stat().st_mtime_ns for p in (out / "images").glob("*.png")}
@@ -127,13 +100,13 @@ def test_sigterm_ends_the_mlflow_run_killed(tiny_dir, tmp_path):
     data = make_fill50k(tmp_path / "data", n=16, size=64, seed=5)
     out = tmp_path / "out"
     job = _small_batches_job(tiny_dir, data, out)
-    driver = _start_cli(_write_job_yaml(job, tmp_path / "job.yaml"), tmp_path)
+    driver = start_cli("generate", write_job_yaml(job, tmp_path / "job.yaml"), tmp_path)
     _wait_for_files(out / "images", "*.png", 1)
     driver.send_signal(signal.SIGTERM)
     try:
         output = driver.communicate(timeout=60)[0].decode()
     finally:
-        _kill_group(driver)
+        kill_group(driver)
 
     assert driver.returncode == 130, output[-2000:]
     assert "interrupted; rerun the same command to resume" in output

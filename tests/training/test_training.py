@@ -15,7 +15,7 @@ import torch
 from pixfleet.config.training import TrainingJobConfig
 from pixfleet.models.registry import resolve_registry_models
 from pixfleet.training.trainer import run_training
-from tests.helpers import tiny_spec
+from tests.helpers import kill_group, start_cli, tiny_spec, write_job_yaml
 
 pytestmark = [pytest.mark.timeout(420), pytest.mark.usefixtures("ray_session")]
 
@@ -223,3 +223,28 @@ def test_deepspeed_zero3_with_cpu_offload_saves_whole_weights(tiny_dir, train_da
     assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= files
     validation = mlflow.MlflowClient().list_artifacts(summary.mlflow_run_id, "validation")
     assert [a.path for a in validation] == ["validation/step_000004.png"]
+
+
+def test_sigterm_ends_the_training_run_killed(tiny_dir, train_data, tmp_path):
+    import signal
+
+    job = train_job(tiny_dir, train_data, tmp_path, "ddp", max_train_steps=400, checkpointing_steps=400)
+    driver = start_cli("train", write_job_yaml(job, tmp_path / "job.yaml"), tmp_path)
+    try:
+        client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+        deadline = time.time() + 240
+        while time.time() < deadline:  # wait until training is under way
+            experiment = client.get_experiment_by_name("tests")
+            runs = client.search_runs(experiment.experiment_id) if experiment else []
+            if runs and client.get_metric_history(runs[0].info.run_id, "loss"):
+                break
+            time.sleep(0.5)
+        driver.send_signal(signal.SIGTERM)
+        output = driver.communicate(timeout=90)[0].decode()
+    finally:
+        kill_group(driver)
+
+    assert driver.returncode == 130, output[-2000:]
+    assert "interrupted; rerun with --set train.resume_from_checkpoint=latest to resume" in output
+    (run,) = client.search_runs(client.get_experiment_by_name("tests").experiment_id)
+    assert run.info.status == "KILLED"
