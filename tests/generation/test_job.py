@@ -71,6 +71,12 @@ def test_job_writes_every_row_faithfully_and_a_rerun_skips_them(tiny_dir, fill50
     assert len(pd.read_parquet(out / "manifest.parquet")) == 16
 
 
+def _id_and_image_manifest_job(tiny_dir, manifest_path, out, **sections):
+    """A controlnet job over a manifest with `id` and `image` columns."""
+    source = {"id_column": "id", "control_columns": ["image"]}
+    return tiny_job(tiny_dir, "controlnet", manifest_path, out, source=source, **sections)
+
+
 def test_bad_rows_are_recorded_and_the_job_goes_on(tiny_dir, tmp_path):
     good = png_bytes(random_image(1))
     rows = [{"id": f"good-{i}", "image": png_bytes(random_image(i)), "text": "ok"} for i in range(6)]
@@ -82,14 +88,7 @@ def test_bad_rows_are_recorded_and_the_job_goes_on(tiny_dir, tmp_path):
     manifest_path = tmp_path / "rows.parquet"
     pd.DataFrame(rows).to_parquet(manifest_path)
     out = tmp_path / "out"
-    job = tiny_job(
-        tiny_dir,
-        "controlnet",
-        manifest_path,
-        out,
-        source={"id_column": "id", "control_columns": ["image"]},
-        max_failed_fraction=0.5,
-    )
+    job = _id_and_image_manifest_job(tiny_dir, manifest_path, out, max_failed_fraction=0.5)
     summary = run_generation(job)
 
     assert (summary.images_ok, summary.rows_failed) == (6, 3)
@@ -112,14 +111,8 @@ def test_too_many_failures_stop_the_job_and_keep_what_was_written(tiny_dir, tmp_
         "\n".join(json.dumps({"id": r["id"], "image": f"{r['id']}.png", "text": r["text"]}) for r in rows)
     )
     out = tmp_path / "out"
-    job = tiny_job(
-        tiny_dir,
-        "controlnet",
-        manifest_path,
-        out,
-        source={"id_column": "id", "control_columns": ["image"]},
-        max_failed_fraction=0.25,
-        resources={"batch_size": 2},
+    job = _id_and_image_manifest_job(
+        tiny_dir, manifest_path, out, max_failed_fraction=0.25, resources={"batch_size": 2}
     )
     with pytest.raises(GenerationFailed, match=r"rows failed, over max_failed_fraction=0.25; first: bad-\d: "):
         run_generation(job)
