@@ -1,4 +1,4 @@
-"""The `pixfleet` command line: generate, train, models, data."""
+"""The `pixfleet` command line: generate, train, serve, models, data."""
 
 from __future__ import annotations
 
@@ -111,6 +111,43 @@ def train(
         )
         raise typer.Exit(130) from None
     typer.echo(summary.render())
+
+
+@app.command()
+def serve(
+    config: Annotated[Path, typer.Argument(help="Serving YAML.")],
+    set_: SetOption = None,
+    address: AddressOption = None,
+    write_serve_config: Annotated[
+        Path | None, typer.Option(help="Write a Serve config for `serve deploy` here instead of serving.")
+    ] = None,
+) -> None:
+    """Serve models over HTTP on Ray Serve (blocks on an embedded Ray; returns on a cluster)."""
+    from pixfleet.config import load_config
+    from pixfleet.config.serving import ServingConfig
+    from pixfleet.models.loading import ModelLoadError, check_model_folders
+    from pixfleet.serving import app as serving
+
+    try:
+        job = load_config(ServingConfig, config, set_ or [])
+        for served in job.models:
+            check_model_folders(served.model)
+        if write_serve_config:
+            import yaml
+
+            write_serve_config.write_text(yaml.safe_dump(serving.serve_config(job), sort_keys=False))
+            typer.echo(f"wrote {write_serve_config}; deploy it with: serve deploy {write_serve_config}")
+            return
+        address = address or os.environ.get("RAY_ADDRESS")
+        if address:
+            typer.echo(f"deployed; API at {serving.start(job, address)}")
+        else:
+            serving.serve_forever(job)
+    except (ConfigError, ModelLoadError) as error:
+        _fail(str(error))
+    except KeyboardInterrupt:
+        typer.secho("stopped serving", fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(130) from None
 
 
 if __name__ == "__main__":

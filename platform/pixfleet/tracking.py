@@ -45,7 +45,7 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 @contextmanager
-def _sigterm_raises() -> Iterator[None]:
+def sigterm_raises() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -64,7 +64,7 @@ def _sigterm_raises() -> Iterator[None]:
 def mlflow_run(config: TrackingConfig, run_name: str, params: Mapping[str, Any]) -> Iterator[Any]:
     """Open a run with `params`; yields the mlflow module (or None when tracking is off)."""
     if not config.enabled:
-        with _sigterm_raises():
+        with sigterm_raises():
             yield None
         return
     import mlflow
@@ -77,7 +77,7 @@ def mlflow_run(config: TrackingConfig, run_name: str, params: Mapping[str, Any])
             artifacts = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
         mlflow.create_experiment(config.experiment, artifact_location=artifacts)
     mlflow.set_experiment(config.experiment)
-    with _sigterm_raises():
+    with sigterm_raises():
         mlflow.start_run(run_name=run_name)
         try:
             mlflow.log_params(flatten(params))

@@ -8,11 +8,13 @@ import pytest
 import yaml
 
 from pixfleet.config import ConfigError, GenerationJobConfig, load_config
+from pixfleet.config.serving import ServingConfig
 from pixfleet.config.training import TrainingJobConfig
 
 PIPELINES_CFG = Path(__file__).resolve().parents[2] / "pipelines_cfg"
-GENERATION_YAMLS = sorted(p for p in PIPELINES_CFG.glob("*.yaml") if not p.name.startswith("train"))
+GENERATION_YAMLS = sorted(p for p in PIPELINES_CFG.glob("*.yaml") if not p.name.startswith(("train_", "serve_")))
 TRAINING_YAMLS = sorted(PIPELINES_CFG.glob("train_*.yaml"))
+SERVING_YAMLS = sorted(PIPELINES_CFG.glob("serve_*.yaml"))
 
 
 def test_the_seed_pipelines_are_shipped():
@@ -42,6 +44,14 @@ def test_every_training_yaml_validates(project_dir, monkeypatch, path):
     job = load_config(TrainingJobConfig, path)
     assert job.name == path.stem
     assert job.distributed.strategy == "deepspeed" and job.registry.alias == "champion"
+
+
+@pytest.mark.parametrize("path", SERVING_YAMLS, ids=lambda p: p.stem)
+def test_every_serving_yaml_validates(project_dir, monkeypatch, path):
+    monkeypatch.chdir(project_dir)
+    config = load_config(ServingConfig, path)
+    assert config.name == path.stem
+    assert {m.model.task for m in config.models} == {"controlnet", "pix2pix"}
 
 
 def test_training_config_refuses_offload_param_below_zero_3(project_dir, monkeypatch):
@@ -132,7 +142,7 @@ def test_set_override_of_unknown_key_is_refused(tmp_path, project_dir):
 def test_every_field_is_documented():
     from pydantic import BaseModel
 
-    seen, pending = set(), [GenerationJobConfig, TrainingJobConfig]
+    seen, pending = set(), [GenerationJobConfig, TrainingJobConfig, ServingConfig]
     while pending:
         model = pending.pop()
         if model in seen:
@@ -143,4 +153,4 @@ def test_every_field_is_documented():
             for arg in getattr(field.annotation, "__args__", (field.annotation,)):
                 inner = getattr(arg, "__args__", (arg,))
                 pending += [t for t in inner if isinstance(t, type) and issubclass(t, BaseModel)]
-    assert len(seen) >= 14
+    assert len(seen) >= 20

@@ -74,10 +74,10 @@ def test_rows_equal_a_direct_diffusers_call_batched_or_alone(tiny_dir, tmp_path,
     assert images.shape == (3, 64, 64, 3)
 
     # The direct call passes no parameter but the step count: pixfleet's defaults are the pipeline's.
-    batched = direct_call(generate.pipe, task, **reference_inputs(task, [0, 1, 2]))
+    batched = direct_call(generate.runner.pipe, task, **reference_inputs(task, [0, 1, 2]))
     np.testing.assert_array_equal(images, batched)
     for i in range(3):
-        alone = direct_call(generate.pipe, task, **reference_inputs(task, [i]))[0]
+        alone = direct_call(generate.runner.pipe, task, **reference_inputs(task, [i]))[0]
         assert np.abs(images[i].astype(float) - alone).mean() < 1.0
 
 

@@ -13,6 +13,10 @@ class RowError(ValueError):
     """A problem with one row; the row fails with this one-line reason, the job goes on."""
 
 
+class ImageTooLarge(RowError):
+    """An image over the pixel limit, or a decompression bomb."""
+
+
 def empty_image(channels: int = 3) -> np.ndarray:
     """Placeholder for an absent image: keeps a column's arrays at the same rank."""
     return np.zeros((0, 0, channels), dtype=np.uint8)
@@ -30,12 +34,12 @@ def decode_image(data: bytes | None, what: str, max_pixels: int, mode: str = "RG
             image = Image.open(io.BytesIO(data))
             width, height = image.size
             if width * height > max_pixels:
-                raise RowError(f"{what}: {width}x{height} exceeds max_image_pixels={max_pixels}")
+                raise ImageTooLarge(f"{what}: {width}x{height} exceeds max_image_pixels={max_pixels}")
             image.load()  # decodes fully: truncated files fail here, not later
     except RowError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise RowError(f"{what}: image too large (decompression bomb)") from None
+        raise ImageTooLarge(f"{what}: image too large (decompression bomb)") from None
     except Exception as error:
         raise RowError(f"{what}: cannot decode image ({type(error).__name__}: {error})") from None
     array = np.asarray(image.convert(mode))

@@ -58,17 +58,19 @@ class PreprocessStage:
         batch = batch.copy()
         for column in self.image_columns:
             batch[column] = [
-                self._prepare(column, image) if status == C.OK else image
+                prepare_image(column, image, self.config) if status == C.OK else image
                 for image, status in zip(batch[column], batch[C.STATUS], strict=True)
             ]
         return batch
 
-    def _prepare(self, column: str, image: np.ndarray) -> np.ndarray:
-        c = self.config
-        image = resize(image, c.width, c.height, c.resize_mode)
-        if column == C.MASK_IMAGE:
-            return np.where(image > 127, 255, 0).astype(np.uint8)
-        if column.startswith("control_image_"):
-            index = int(column.rsplit("_", 1)[1])
-            return detect(image, c.control[index if len(c.control) > 1 else 0])
-        return image
+
+def prepare_image(column: str, image: np.ndarray, config: PreprocessConfig) -> np.ndarray:
+    """One image of `column` made ready for the pipeline: resized, then binarized (mask) or
+    turned into a control map (control columns)."""
+    image = resize(image, config.width, config.height, config.resize_mode)
+    if column == C.MASK_IMAGE:
+        return np.where(image > 127, 255, 0).astype(np.uint8)
+    if column.startswith("control_image_"):
+        index = int(column.rsplit("_", 1)[1])
+        return detect(image, config.control[index if len(config.control) > 1 else 0])
+    return image

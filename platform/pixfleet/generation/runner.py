@@ -1,0 +1,164 @@
+"""One loaded pipeline and the rows it runs: the call a user would write, shared by the
+bulk generation stage and the serving replicas so both give the same image for a seed.
+
+A row is a dict with prompt, params (JSON from `resolve_params`), seed and the task's
+prepared image columns (HWC uint8). Rows share a pipeline call only when their size and
+every scalar parameter match; each image gets its own generator seeded `seed + k`, so a
+row's image does not depend on its batch.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import time
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+import torch
+
+from pixfleet.config import ModelSpec
+from pixfleet.generation import columns as C
+from pixfleet.generation.images import to_pil
+from pixfleet.models.tasks import task_info
+
+# Scheduler class -> the sampler name A1111 writes in its `parameters` text.
+A1111_SAMPLERS = {
+    "UniPCMultistepScheduler": "UniPC",
+    "DDIMScheduler": "DDIM",
+    "EulerDiscreteScheduler": "Euler",
+    "EulerAncestralDiscreteScheduler": "Euler a",
+    "DPMSolverMultistepScheduler": "DPM++ 2M",
+    "PNDMScheduler": "PLMS",
+}
+# Parameters that may differ between rows of one pipeline call.
+_PER_ROW = {"prompt", "negative_prompt", "seed"}
+
+
+class DeadlineExceeded(TimeoutError):
+    """A pipeline call stopped between steps because its deadline passed."""
+
+
+def batch_key(row: dict[str, Any]) -> str:
+    """Rows with equal keys can share one pipeline call."""
+    params = json.loads(row[C.PARAMS])
+    shared = {k: v for k, v in params.items() if k not in _PER_ROW}
+    shared["has_negative_prompt"] = params["negative_prompt"] is not None
+    shared["size"] = image_size(row)
+    return json.dumps(shared, sort_keys=True)
+
+
+def group_rows(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """`rows` split into groups that can each share one pipeline call, in first-seen order."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        groups[batch_key(row)].append(row)
+    return list(groups.values())
+
+
+def image_size(row: dict[str, Any]) -> list[int]:
+    """[width, height] of the row's prepared images."""
+    image = row.get(C.SOURCE_IMAGE, row.get(C.control_column(0)))
+    return [int(image.shape[1]), int(image.shape[0])]
+
+
+class PipelineRunner:
+    """A loaded diffusers pipeline of one task, called on groups of rows."""
+
+    def __init__(self, pipe: Any, task: str, num_controlnets: int, device: torch.device):
+        self.pipe = pipe
+        self.pipe.set_progress_bar_config(disable=True)
+        self.task = task
+        self.info = task_info(task)
+        self.num_controlnets = num_controlnets
+        self.device = device
+        call_parameters = inspect.signature(pipe.__call__).parameters
+        self.accepts_size = "height" in call_parameters
+        self.step_callback_style = "on_step_end" if "callback_on_step_end" in call_parameters else "legacy"
+        self.sampler = A1111_SAMPLERS.get(type(pipe.scheduler).__name__, "")
+
+    @classmethod
+    def load(cls, spec: ModelSpec) -> PipelineRunner:
+        from pixfleet.models.loading import load_pipeline, resolve_device
+
+        return cls(load_pipeline(spec), spec.task, spec.num_controlnets, resolve_device(spec.device))
+
+    def with_controlnet(self, controlnet: Any) -> PipelineRunner:
+        """A runner whose pipeline swaps in `controlnet` and shares every other component."""
+        pipe = type(self.pipe)(**{**self.pipe.components, "controlnet": controlnet})
+        return PipelineRunner(pipe, self.task, self.num_controlnets, self.device)
+
+    def generate(self, rows: list[dict[str, Any]], deadline: float | None = None) -> np.ndarray:
+        """Images of one group of rows (`group_rows`), `num_images_per_prompt` per row in row
+        order, as uint8 NHWC. Past `deadline` (a `time.time()` value) the call stops between
+        steps with DeadlineExceeded instead of holding the pipeline."""
+        params = json.loads(rows[0][C.PARAMS])
+        kwargs = self.call_kwargs(rows, params)
+        if deadline is not None:
+            kwargs.update(self._deadline_callback(deadline))
+        images = self.pipe(**kwargs).images
+        # Same float -> uint8 rounding as diffusers' numpy_to_pil.
+        return (images * 255).round().astype(np.uint8)
+
+    def call_kwargs(self, rows: list[dict[str, Any]], params: dict[str, Any]) -> dict[str, Any]:
+        """The arguments a user would pass to the diffusers pipeline for these rows."""
+        n = params["num_images_per_prompt"]
+        kwargs: dict[str, Any] = {
+            "prompt": [r[C.PROMPT] for r in rows],
+            "num_inference_steps": params["num_inference_steps"],
+            "guidance_scale": params["guidance_scale"],
+            "num_images_per_prompt": n,
+            "generator": [torch.Generator(self.device).manual_seed(r[C.SEED] + k) for r in rows for k in range(n)],
+            "output_type": "np",
+        }
+        if params["negative_prompt"] is not None:
+            kwargs["negative_prompt"] = [json.loads(r[C.PARAMS])["negative_prompt"] for r in rows]
+        if self.accepts_size:
+            kwargs["width"], kwargs["height"] = image_size(rows[0])
+        if self.info.uses_controlnet:
+            for name in (
+                "controlnet_conditioning_scale",
+                "control_guidance_start",
+                "control_guidance_end",
+            ):
+                kwargs[name] = params[name] if self.num_controlnets > 1 else params[name][0]
+            kwargs["guess_mode"] = params["guess_mode"]
+            controls = self._control_images(rows)
+            if self.info.needs_source_image:
+                kwargs["control_image"] = controls
+            else:
+                kwargs["image"] = controls
+        if self.info.needs_source_image:
+            kwargs["image"] = [to_pil(r[C.SOURCE_IMAGE]) for r in rows]
+            if self.info.uses_controlnet:
+                kwargs["strength"] = params["strength"]
+            else:
+                kwargs["image_guidance_scale"] = params["image_guidance_scale"]
+        if self.info.needs_mask:
+            kwargs["mask_image"] = [to_pil(r[C.MASK_IMAGE]) for r in rows]
+        return kwargs
+
+    def _control_images(self, rows: list[dict]) -> list:
+        if self.num_controlnets == 1:
+            return [to_pil(r[C.control_column(0)]) for r in rows]
+        # diffusers takes one batch per ControlNet only as a tensor, in [0, 1] like its PIL path.
+        return [
+            torch.from_numpy(np.stack([r[C.control_column(i)] for r in rows])).permute(0, 3, 1, 2).float() / 255
+            for i in range(self.num_controlnets)
+        ]
+
+    def _deadline_callback(self, deadline: float) -> dict[str, Any]:
+        def check() -> None:
+            if time.time() > deadline:
+                raise DeadlineExceeded("request deadline passed during denoising")
+
+        if self.step_callback_style == "on_step_end":
+
+            def on_step_end(pipe, step, timestep, callback_kwargs):
+                check()
+                return callback_kwargs
+
+            return {"callback_on_step_end": on_step_end}
+        # SDXL InstructPix2Pix still has only the older per-step callback.
+        return {"callback": lambda step, timestep, latents: check(), "callback_steps": 1}

@@ -1,0 +1,1 @@
+"""HTTP serving on Ray Serve: ingress -> model replicas."""

@@ -1,0 +1,182 @@
+"""From an HTTP request to a generation row and back: image decoding with limits, the same
+preprocessing and parameter resolution as a bulk job, PNG encoding. Runs in the ingress, on CPU.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import secrets
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from pixfleet.config import PreprocessConfig
+from pixfleet.config.serving import LimitsConfig, ServedModelConfig
+from pixfleet.generation import columns as C
+from pixfleet.generation.images import ImageTooLarge, RowError, decode_image
+from pixfleet.generation.params import resolve_params
+from pixfleet.generation.stages.preprocess_stage import prepare_image, resize
+from pixfleet.models.tasks import task_info
+
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    408: "timeout_error",
+    411: "invalid_request_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+}
+
+
+class ApiError(Exception):
+    """An HTTP error with a message naming the field (`param`) at fault."""
+
+    def __init__(self, status: int, message: str, param: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+
+    def body(self) -> dict[str, Any]:
+        error_type = _ERROR_TYPES.get(self.status, "server_error")
+        return {"error": {"message": self.message, "type": error_type, "param": self.param, "code": None}}
+
+
+def decode_base64(value: str, field: str) -> bytes:
+    """Raw base64 or a data URL -> bytes; 400 naming `field` when it is not base64."""
+    payload = value.partition(",")[2] if value.startswith("data:") else value
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, f"{field}: not valid base64", field) from None
+
+
+def decode_upload(data: bytes, field: str, limits: LimitsConfig, mode: str) -> np.ndarray:
+    """Image bytes -> HWC uint8; 413 past the pixel limit, 400 when not an image."""
+    try:
+        return decode_image(data, field, limits.max_image_pixels, mode)
+    except ImageTooLarge as error:
+        raise ApiError(413, str(error), field) from None
+    except RowError as error:
+        raise ApiError(400, str(error), field) from None
+
+
+def image_fields(served: ServedModelConfig) -> dict[str, str]:
+    """Request field -> row column for the model's task, in the order images are sized."""
+    info = task_info(served.model.task)
+    fields = {}
+    if info.needs_source_image:
+        fields["image"] = C.SOURCE_IMAGE
+    for i in range(served.model.num_controlnets):
+        fields[f"control_images[{i}]"] = C.control_column(i)
+    if info.needs_mask:
+        fields["mask_image"] = C.MASK_IMAGE
+    return fields
+
+
+def check_images(served: ServedModelConfig, given: dict[str, bytes]) -> dict[str, bytes]:
+    """The task's images from `given` (field -> bytes); 422 for a missing or unexpected one.
+
+    One control image feeds every ControlNet, as in a bulk job's single control column.
+    """
+    wanted = image_fields(served)
+    if "control_images[0]" in given and "control_images[1]" not in given:
+        given = {**given, **{f"control_images[{i}]": given["control_images[0]"] for i in range(1, len(wanted))}}
+    task = served.model.task
+    for field in given:
+        if field not in wanted:
+            raise ApiError(422, f"{field}: model {served.name!r} (task {task}) takes no such image", field)
+    for field in wanted:
+        if field not in given:
+            raise ApiError(422, f"{field}: model {served.name!r} (task {task}) needs this image", field)
+    return given
+
+
+def prepare_row(
+    served: ServedModelConfig,
+    limits: LimitsConfig,
+    params: dict[str, Any],
+    images: dict[str, bytes],
+    size: tuple[int | None, int | None],
+) -> dict[str, Any]:
+    """A generation row as the bulk job's decode and preprocess stages would make it.
+
+    `params` are the request's own parameters; `images` maps request fields to bytes;
+    `size` is the requested (width, height), or (None, None) to keep the first image's.
+    """
+    spec = served.model
+    images = check_images(served, images)
+    try:
+        resolved = resolve_params(served.defaults, params, spec.task, spec.num_controlnets)
+    except RowError as error:
+        field = str(error).removeprefix("parameter ").split(":")[0]
+        raise ApiError(422, str(error), field) from None
+    if resolved["num_images_per_prompt"] > limits.max_images_per_request:
+        raise ApiError(
+            422,
+            f"num_images_per_prompt: at most {limits.max_images_per_request} per request",
+            "num_images_per_prompt",
+        )
+    fields = image_fields(served)
+    arrays = {
+        field: decode_upload(images[field], field, limits, "L" if column == C.MASK_IMAGE else "RGB")
+        for field, column in fields.items()
+    }
+    width, height = _output_size(size, arrays, limits)
+    # Unset size keeps the inputs' (cut to multiples of 8), as resize_mode 'none' in a job.
+    resize_mode = "none" if size == (None, None) else "center_crop"
+    preprocess = PreprocessConfig(
+        width=width, height=height, resize_mode=resize_mode, control=served.control, max_image_pixels=10**12
+    )
+    row = {column: prepare_image(column, arrays[field], preprocess) for field, column in fields.items()}
+    seed = resolved["seed"] if resolved["seed"] is not None else secrets.randbits(62)
+    resolved["seed"] = seed
+    return {
+        **row,
+        C.ROW_ID: secrets.token_hex(8),
+        C.STATUS: C.OK,
+        C.ERROR: "",
+        C.SOURCE_REF: "request",
+        C.PROMPT: resolved["prompt"],
+        C.PARAMS: json.dumps(resolved),
+        C.SEED: seed,
+    }
+
+
+def _output_size(
+    size: tuple[int | None, int | None], arrays: dict[str, np.ndarray], limits: LimitsConfig
+) -> tuple[int, int]:
+    """The requested size, or the inputs' own cut to multiples of 8 (all inputs the same size)."""
+    width, height = size
+    if (width is None) != (height is None):
+        raise ApiError(422, "width and height: give both or neither", "width" if width is None else "height")
+    if width is None:
+        (first_field, first), *others = arrays.items()
+        for field, array in others:
+            if array.shape[:2] != first.shape[:2]:
+                raise ApiError(
+                    422,
+                    f"{field}: {array.shape[1]}x{array.shape[0]} differs from {first_field} "
+                    f"{first.shape[1]}x{first.shape[0]}; give width and height to resize both",
+                    field,
+                )
+        height, width = resize(first, 0, 0, "none").shape[:2]
+        if not width or not height:
+            raise ApiError(422, f"{first_field}: smaller than 8x8 pixels", first_field)
+    if width * height > limits.max_image_pixels:
+        raise ApiError(422, f"width x height: {width}x{height} exceeds max_image_pixels", "width")
+    return width, height
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """HWC uint8 -> PNG bytes."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
