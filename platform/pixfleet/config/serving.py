@@ -89,6 +89,14 @@ class HttpConfig(StrictModel):
     port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
 
 
+class IngressConfig(StrictModel):
+    """The HTTP ingress deployment: decodes, preprocesses and encodes on CPU."""
+
+    num_replicas: int = Field(1, ge=1, description="Ingress replicas.")
+    num_cpus: float = Field(0.5, gt=0, description="CPUs per ingress replica.")
+    max_ongoing_requests: int = Field(256, ge=1, description="Requests one ingress replica holds at once.")
+
+
 class LimitsConfig(StrictModel):
     """What one request may ask for; past these it gets a 4xx (or 504) and the server goes on."""
 
@@ -108,7 +116,7 @@ class ServingConfig(StrictModel):
     api_key_env: str | None = Field(
         None, description="Environment variable holding the API key; requests then need 'Authorization: Bearer'."
     )
-    ingress_replicas: int = Field(1, ge=1, description="Replicas of the HTTP ingress (decoding, encoding).")
+    ingress: IngressConfig = Field(default_factory=IngressConfig, description="The HTTP ingress deployment.")
     tracking_uri: str | None = Field(
         None, description="MLflow URI for models:/ and runs:/ models; unset uses $MLFLOW_TRACKING_URI or ./mlruns."
     )

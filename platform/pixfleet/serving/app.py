@@ -27,7 +27,14 @@ def deployment_name(served: ServedModelConfig) -> str:
 
 def deployment_options(config: ServingConfig) -> dict[str, dict[str, Any]]:
     """Serve options of each deployment, by deployment name."""
-    options = {INGRESS: {"num_replicas": config.ingress_replicas, "max_ongoing_requests": 256}}
+    ingress = config.ingress
+    options = {
+        INGRESS: {
+            "num_replicas": ingress.num_replicas,
+            "max_ongoing_requests": ingress.max_ongoing_requests,
+            "ray_actor_options": {"num_cpus": ingress.num_cpus},
+        }
+    }
     for served in config.models:
         options[deployment_name(served)] = {
             "autoscaling_config": served.autoscaling.model_dump(),
@@ -110,9 +117,9 @@ def serve_forever(config: ServingConfig) -> None:
     """`pixfleet serve` on an embedded Ray: deploy, then serve until Ctrl-C or SIGTERM."""
     from pixfleet.tracking import sigterm_raises
 
-    with sigterm_raises():
-        url = start(config)
-        print(f"serving {', '.join(m.name for m in config.models)} at {url} (docs: {url}/docs)", flush=True)
+    url = start(config)
+    print(f"serving {', '.join(m.name for m in config.models)} at {url} (docs: {url}/docs)", flush=True)
+    with sigterm_raises():  # after ray.init, which installs its own SIGTERM handler
         try:
             while True:
                 time.sleep(3600)

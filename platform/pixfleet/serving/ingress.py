@@ -29,6 +29,7 @@ from pixfleet import __version__
 from pixfleet.config import GenerationParams
 from pixfleet.config.base import StrictModel
 from pixfleet.config.serving import LimitsConfig, ServedModelConfig, ServingConfig
+from pixfleet.generation.params import pipeline_call_defaults
 from pixfleet.models.tasks import task_info
 from pixfleet.serving.replica import DEADLINE
 from pixfleet.serving.requests import ApiError, decode_base64, encode_png, prepare_row
@@ -161,6 +162,8 @@ class Ingress:
         self.served = {m.name: m for m in config.models}
         self.handles = models
         self.tracking_uri = tracking_uri
+        for served in config.models:  # imports the pipeline classes now, not in racing request threads
+            pipeline_call_defaults(served.model.task)
         api.state.limits = config.limits
         api.state.api_key_sha256 = api_key_sha256
 

@@ -42,10 +42,13 @@ class ModelReplica:
         self.generate.set_batch_wait_timeout_s(served.batching.batch_wait_timeout_s)
         self.broken: str | None = None
         if served.multiplex:
-            # Wired per instance: the LRU size comes from the config.
-            self.runner_for = serve.multiplexed(max_num_models_per_replica=served.multiplex.max_models_per_replica)(
-                self._load_controlnet
-            )
+            # Wired per instance (the LRU size comes from the config) on a plain function:
+            # Serve keeps its cache as an attribute of the function it wraps.
+            async def load(version: str) -> PipelineRunner:
+                return await self._load_controlnet(version)
+
+            lru_size = served.multiplex.max_models_per_replica
+            self.runner_for = serve.multiplexed(max_num_models_per_replica=lru_size)(load)
 
     async def _load_controlnet(self, version: str) -> PipelineRunner:
         """`version` is NAME/VERSION of a registered ControlNet, checked by the ingress."""

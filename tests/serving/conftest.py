@@ -1,0 +1,119 @@
+"""One Serve instance for the module's tests: the main app (ControlNet with registry
+ControlNets, InstructPix2Pix) and a `tight` app (one slot, tiny queue, short timeout, API key)."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from pixfleet.config.serving import ServingConfig
+from tests.helpers import tiny_spec
+
+API_KEY = "test-key-123"
+REGISTERED = "tiny-cn"
+
+
+@dataclass
+class Server:
+    url: str
+    config: ServingConfig
+    tracking_uri: str
+    registry_dir: Path
+
+    def client(self, prefix: str = "", **kwargs) -> httpx.Client:
+        return httpx.Client(base_url=self.url + prefix, timeout=120, **kwargs)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def register_controlnet(folder: Path, tracking_uri: str, artifacts: Path, alias: str = "champion") -> str:
+    """Log `folder` as a run's artifact and register it as a new version of REGISTERED."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    if mlflow.get_experiment_by_name("serving") is None:
+        mlflow.create_experiment("serving", artifact_location=artifacts.as_uri())
+    mlflow.set_experiment("serving")
+    client = mlflow.MlflowClient(tracking_uri)
+    with mlflow.start_run() as run:
+        mlflow.log_artifacts(str(folder), artifact_path="controlnet")
+    if not client.search_registered_models(filter_string=f"name = '{REGISTERED}'"):
+        client.create_registered_model(REGISTERED)
+    version = client.create_model_version(REGISTERED, f"{run.info.artifact_uri}/controlnet", run.info.run_id)
+    client.set_registered_model_alias(REGISTERED, alias, version.version)
+    return version.version
+
+
+def serving_config(tiny_dir: Path, tracking_uri: str, port: int, name: str, **overrides) -> ServingConfig:
+    controlnet = tiny_spec(tiny_dir, "controlnet", scheduler="unipc").model_dump()
+    pix2pix = tiny_spec(tiny_dir, "pix2pix").model_dump()
+    data = {
+        "name": name,
+        "route_prefix": f"/{name}",
+        "http": {"port": port},
+        "tracking_uri": tracking_uri,
+        "ingress": {"num_cpus": 0.1},
+        "limits": {"max_image_pixels": 128 * 128, "max_body_bytes": 2**20, "request_timeout_s": 30},
+        "models": [
+            {
+                "name": "tiny-controlnet",
+                "model": controlnet,
+                "defaults": {"num_inference_steps": 2},
+                "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.5},
+                "num_cpus": 0.1,
+                "multiplex": {"registered_models": [REGISTERED], "max_models_per_replica": 2},
+            },
+            {"name": "tiny-pix2pix", "model": pix2pix, "defaults": {"num_inference_steps": 2}, "num_cpus": 0.1},
+        ],
+    }
+    for key, value in overrides.items():
+        data[key] = {**data[key], **value} if isinstance(value, dict) else value
+    return ServingConfig.model_validate(data)
+
+
+@pytest.fixture(scope="package")
+def server(ray_session, tiny_dir, tmp_path_factory):
+    from ray import serve
+
+    from pixfleet.models.tiny import make_tiny_pipeline
+    from pixfleet.serving.app import build_app, http_options
+
+    registry_dir = tmp_path_factory.mktemp("registry")
+    tracking_uri = f"sqlite:///{registry_dir}/mlflow.db"
+    make_tiny_pipeline("controlnet", registry_dir / "v1", seed=1)
+    register_controlnet(registry_dir / "v1" / "controlnet", tracking_uri, registry_dir / "artifacts")
+
+    port = free_port()
+    main = serving_config(tiny_dir, tracking_uri, port, "main")
+    tight = serving_config(
+        tiny_dir,
+        tracking_uri,
+        port,
+        "tight",
+        api_key_env="PIXFLEET_TEST_API_KEY",
+        limits={"request_timeout_s": 3},
+        models=[
+            {
+                **main.models[0].model_dump(exclude={"multiplex"}),
+                "batching": {"max_batch_size": 1, "batch_wait_timeout_s": 0},
+                "max_ongoing_requests": 1,
+                "max_queued_requests": 1,
+            }
+        ],
+    )
+    serve.start(http_options=http_options(main))
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("PIXFLEET_TEST_API_KEY", API_KEY)
+        apps = [(config, build_app(config)) for config in (main, tight)]
+    for config, app in apps:
+        serve.run(app, name=config.name, route_prefix=config.route_prefix)
+    yield Server(f"http://127.0.0.1:{port}", main, tracking_uri, registry_dir)
+    serve.shutdown()

@@ -1,0 +1,96 @@
+"""`pixfleet serve` as a user runs it: its own embedded Ray, real HTTP, SIGTERM to stop; and
+the Serve config it writes for `serve deploy`, checked against Ray's own schema."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import yaml
+
+from tests.helpers import kill_group, png_bytes, random_image, start_cli
+from tests.serving.conftest import free_port, serving_config
+
+
+def _write(config, path):
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    return path
+
+
+@pytest.mark.timeout(240)
+def test_pixfleet_serve_answers_then_stops_on_sigterm(tmp_path, tiny_dir):
+    port = free_port()
+    config = serving_config(tiny_dir, f"sqlite:///{tmp_path}/mlflow.db", port, "cli", route_prefix="/")
+    process = start_cli("serve", _write(config, tmp_path / "serve.yaml"), tmp_path)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None, process.stdout.read().decode()
+            time.sleep(1)
+        response = httpx.post(
+            f"{url}/v1/generate/upload",
+            data={"params": '{"model": "tiny-controlnet", "prompt": "a circle"}'},
+            files={"control_images": ("c.png", png_bytes(random_image(0)), "image/png")},
+            timeout=60,
+        )
+        assert response.status_code == 200, response.text
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=60)[0].decode()
+    finally:
+        kill_group(process)
+    assert process.returncode == 130, output
+    assert f"at http://127.0.0.1:{port}" in output and "stopped serving" in output
+
+
+def test_written_serve_config_validates_against_serves_schema(tmp_path, tiny_dir):
+    from ray.serve.schema import ServeDeploySchema
+
+    config = serving_config(tiny_dir, f"sqlite:///{tmp_path}/mlflow.db", 8000, "deployed")
+    out = tmp_path / "serve_config.yaml"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pixfleet.cli",
+            "serve",
+            str(_write(config, tmp_path / "s.yaml")),
+            "--write-serve-config",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(out.read_text()))
+    app = schema.applications[0]
+    assert app.import_path == "pixfleet.serving.app:app_from_args"
+    assert {d.name for d in app.deployments} == {"ingress", "model-tiny-controlnet", "model-tiny-pix2pix"}
+    assert schema.http_options.host == "127.0.0.1"
+    # The args rebuild the same application.
+    from pixfleet.serving.app import app_from_args
+
+    assert app_from_args(app.args) is not None
+
+
+def test_missing_api_key_variable_is_a_clear_error(tmp_path, tiny_dir, monkeypatch):
+    monkeypatch.delenv("PIXFLEET_NO_SUCH_KEY", raising=False)
+    config = serving_config(tiny_dir, f"sqlite:///{tmp_path}/mlflow.db", 8000, "k", api_key_env="PIXFLEET_NO_SUCH_KEY")
+    result = subprocess.run(
+        [sys.executable, "-m", "pixfleet.cli", "serve", str(_write(config, tmp_path / "s.yaml"))],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "api_key_env: environment variable PIXFLEET_NO_SUCH_KEY is not set" in result.stderr
