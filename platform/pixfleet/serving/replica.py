@@ -63,7 +63,15 @@ class ModelReplica:
 
     def ready(self) -> dict[str, Any]:
         """What /healthz reports for this model."""
-        return {"model": self.served.name, "task": self.served.model.task, "sampler": self.runner.sampler}
+        import torch
+
+        return {
+            "model": self.served.name,
+            "task": self.served.model.task,
+            "sampler": self.runner.sampler,
+            "device": str(self.runner.device),
+            "torch_threads": torch.get_num_threads(),
+        }
 
     def check_health(self) -> None:
         """Serve replaces the replica when this raises: after a CUDA error the context is lost."""
