@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -26,17 +27,16 @@ def test_pixfleet_serve_answers_then_stops_on_sigterm(tmp_path, tiny_dir):
     port = free_port()
     config = serving_config(tiny_dir, f"sqlite:///{tmp_path}/mlflow.db", port, "cli", route_prefix="/")
     process = start_cli("serve", _write(config, tmp_path / "serve.yaml"), tmp_path)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(line.decode() for line in process.stdout), daemon=True).start()
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.time() + 180
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None, process.stdout.read().decode()
-            time.sleep(1)
+        # The line is printed once deployed; SIGTERM before it meets Ray's own handler.
+        while not any(f"at {url}" in line for line in lines):
+            assert process.poll() is None and time.time() < deadline, "".join(lines)
+            time.sleep(0.5)
+        assert httpx.get(f"{url}/healthz", timeout=5).status_code == 200
         response = httpx.post(
             f"{url}/v1/generate/upload",
             data={"params": '{"model": "tiny-controlnet", "prompt": "a circle"}'},
@@ -45,11 +45,12 @@ def test_pixfleet_serve_answers_then_stops_on_sigterm(tmp_path, tiny_dir):
         )
         assert response.status_code == 200, response.text
         process.send_signal(signal.SIGTERM)
-        output = process.communicate(timeout=60)[0].decode()
+        process.wait(timeout=60)
     finally:
         kill_group(process)
-    assert process.returncode == 130, output
-    assert f"at http://127.0.0.1:{port}" in output and "stopped serving" in output
+    time.sleep(0.5)  # the reader thread drains the last lines
+    assert process.returncode == 130, "".join(lines)
+    assert "stopped serving" in "".join(lines)
 
 
 def test_written_serve_config_validates_against_serves_schema(tmp_path, tiny_dir):
