@@ -28,12 +28,12 @@ test: $(STAMP) lint
 	$(BIN)/pytest -q --durations=10
 
 lint: $(STAMP)
-	$(BIN)/ruff check platform tests benchmarks
-	$(BIN)/ruff format --check platform tests benchmarks
+	$(BIN)/ruff check platform tests benchmarks jobs
+	$(BIN)/ruff format --check platform tests benchmarks jobs
 
 format: $(STAMP)
-	$(BIN)/ruff check --fix platform tests benchmarks
-	$(BIN)/ruff format platform tests benchmarks
+	$(BIN)/ruff check --fix platform tests benchmarks jobs
+	$(BIN)/ruff format platform tests benchmarks jobs
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/generate_throughput.py

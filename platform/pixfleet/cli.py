@@ -1,8 +1,9 @@
-"""The `pixfleet` command line: generate, train, serve, models, data."""
+"""The `pixfleet` command line: generate, train, serve, submit, jobs, models, data."""
 
 from __future__ import annotations
 
 import os
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -13,8 +14,10 @@ from pixfleet.config import ConfigError
 app = typer.Typer(help="Controlled image generation at dataset scale on Ray.", no_args_is_help=True)
 models_app = typer.Typer(help="Model utilities.", no_args_is_help=True)
 data_app = typer.Typer(help="Data set utilities.", no_args_is_help=True)
+jobs_app = typer.Typer(help="Jobs on a Ray cluster (the Ray Jobs API).", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
+app.add_typer(jobs_app, name="jobs")
 
 SetOption = Annotated[list[str] | None, typer.Option("--set", help="Override a config field: a.b=value.")]
 AddressOption = Annotated[
@@ -125,13 +128,11 @@ def serve(
     """Serve models over HTTP on Ray Serve (blocks on an embedded Ray; returns on a cluster)."""
     from pixfleet.config import load_config
     from pixfleet.config.serving import ServingConfig
-    from pixfleet.models.loading import ModelLoadError, check_model_folders
+    from pixfleet.models.loading import ModelLoadError
     from pixfleet.serving import app as serving
 
     try:
         job = load_config(ServingConfig, config, set_ or [])
-        for served in job.models:
-            check_model_folders(served.model)
         if write_serve_config:
             import yaml
 
@@ -148,6 +149,114 @@ def serve(
     except KeyboardInterrupt:
         typer.secho("stopped serving", fg=typer.colors.YELLOW, err=True)
         raise typer.Exit(130) from None
+
+
+class JobKind(StrEnum):
+    generate = "generate"
+    train = "train"
+    serve = "serve"
+
+
+JobsAddressOption = Annotated[
+    str | None, typer.Option(help="Jobs API of the cluster, http://HEAD:8265; unset uses $RAY_ADDRESS.")
+]
+
+
+@app.command()
+def submit(
+    kind: Annotated[JobKind, typer.Argument(help="What to run.")],
+    config: Annotated[Path, typer.Argument(help="Job YAML (validated on the cluster, where its paths are).")],
+    address: JobsAddressOption = None,
+    set_: SetOption = None,
+    env: Annotated[list[str] | None, typer.Option(help="KEY=VALUE in the job's environment.")] = None,
+    working_dir: Annotated[Path, typer.Option(help="Project folder shipped as working_dir.")] = Path("."),
+    entrypoint_num_cpus: Annotated[float, typer.Option(help="CPUs reserved for the job's driver.")] = 0,
+    entrypoint_num_gpus: Annotated[float, typer.Option(help="GPUs reserved for the job's driver.")] = 0,
+    wait: Annotated[bool, typer.Option(help="Wait for the end; exit 1 if the job did not succeed.")] = False,
+    follow: Annotated[bool, typer.Option(help="Print the job's log as it runs, then exit like --wait.")] = False,
+) -> None:
+    """Submit a generate, train or serve job to a Ray cluster through the Jobs API."""
+    from pixfleet import cluster
+
+    environment = {}
+    for item in env or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            _fail(f"--env {item!r}: expected KEY=VALUE")
+        environment[key] = value
+    try:
+        job_id = cluster.submit_job(
+            kind.value,
+            config,
+            address,
+            set_ or [],
+            environment,
+            working_dir.resolve(),
+            entrypoint_num_cpus,
+            entrypoint_num_gpus,
+        )
+        typer.echo(f"submitted {kind.value} job {job_id}")
+        if not (wait or follow):
+            return
+        client = cluster.job_client(address)
+        if follow:
+            cluster.stream_logs(client, job_id)
+        status = cluster.wait_for_job(client, job_id)
+    except ConfigError as error:
+        _fail(str(error))
+    typer.echo(f"job {job_id} {status}")
+    if status != "SUCCEEDED":
+        if not follow:
+            tail = client.get_job_logs(job_id).strip().splitlines()[-20:]
+            typer.echo("\n".join(tail), err=True)
+        raise typer.Exit(1)
+
+
+def _jobs_client(address: str | None):
+    from pixfleet.cluster import job_client
+
+    try:
+        return job_client(address)
+    except ConfigError as error:
+        _fail(str(error))
+
+
+@jobs_app.command("list")
+def jobs_list(address: JobsAddressOption = None) -> None:
+    """The cluster's jobs, newest last."""
+    for job in sorted(_jobs_client(address).list_jobs(), key=lambda j: j.start_time or 0):
+        kind = (job.metadata or {}).get("pixfleet_kind", "-")
+        typer.echo(f"{job.submission_id or job.job_id}  {job.status.value:9}  {kind:8}  {job.entrypoint}")
+
+
+@jobs_app.command("status")
+def jobs_status(job_id: str, address: JobsAddressOption = None) -> None:
+    """A job's status and message."""
+    info = _jobs_client(address).get_job_info(job_id)
+    typer.echo(f"{job_id} {info.status.value}: {info.message or ''}")
+
+
+@jobs_app.command("logs")
+def jobs_logs(
+    job_id: str,
+    address: JobsAddressOption = None,
+    follow: Annotated[bool, typer.Option(help="Keep printing until the job ends.")] = False,
+) -> None:
+    """A job's log."""
+    from pixfleet.cluster import stream_logs
+
+    client = _jobs_client(address)
+    if follow:
+        stream_logs(client, job_id)
+    else:
+        typer.echo(client.get_job_logs(job_id), nl=False)
+
+
+@jobs_app.command("stop")
+def jobs_stop(job_id: str, address: JobsAddressOption = None) -> None:
+    """Stop a running job."""
+    stopped = _jobs_client(address).stop_job(job_id)
+    typer.echo(f"{job_id}: {'stop requested' if stopped else 'not running'}")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,46 @@
-"""Where jobs run: an embedded local Ray by default, a cluster given an address."""
+"""Where jobs run: an embedded local Ray by default, a cluster given an address; and submission
+of the same jobs to a cluster through the Ray Jobs API.
+
+`pixfleet submit` ships the project folder as the job's working_dir (without .venv, outputs,
+mlruns) and the job's config as YAML text in the job's environment, so the config may live
+anywhere on the submitting machine; `jobs/*.py` read it back and run the library code the CLI
+runs. The config is validated on the cluster, where its paths must exist.
+"""
 
 from __future__ import annotations
 
 import os
+import sys
+import time
+from pathlib import Path
+from typing import TypeVar
 
 import ray
+from pydantic import BaseModel
+
+from pixfleet.config.loading import ConfigError, read_config_data, validate_config
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+JOB_CONFIG_ENV = "PIXFLEET_JOB_CONFIG"  # the job's config as YAML text
+JOB_CONFIG_SOURCE_ENV = "PIXFLEET_JOB_CONFIG_SOURCE"  # where it came from, for error messages
+ENTRYPOINTS = {"generate": "jobs/generate.py", "train": "jobs/train.py", "serve": "jobs/serve.py"}
+# Never uploaded: environments, outputs, stores and caches can be gigabytes.
+WORKING_DIR_EXCLUDES = [
+    ".venv",
+    "venv",
+    ".git",
+    "outputs",
+    "mlruns",
+    "**/__pycache__",
+    "*.egg-info",
+    ".pytest_cache",
+    ".ruff_cache",
+]
+# Forwarded from the submitting shell when set there.
+FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "HF_TOKEN", "HF_HUB_OFFLINE")
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+AGENT_WAIT_S = 60
 
 
 def ensure_ray(address: str | None = None) -> None:
@@ -21,3 +57,102 @@ def ensure_ray(address: str | None = None) -> None:
         # Nothing outside this process talks to an embedded Ray: no dashboard, no token.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(address="local", include_dashboard=False)
+
+
+def load_job_config(cls: type[ConfigT], path: str | None, overrides: list[str]) -> ConfigT:
+    """A job entrypoint's config: the file at `path`, else the YAML `pixfleet submit` put in
+    the job's environment."""
+    if path:
+        from pixfleet.config import load_config
+
+        return load_config(cls, path, overrides)
+    text = os.environ.get(JOB_CONFIG_ENV)
+    if text is None:
+        raise ConfigError(f"no config: pass a YAML path or set {JOB_CONFIG_ENV}")
+    source = os.environ.get(JOB_CONFIG_SOURCE_ENV, JOB_CONFIG_ENV)
+    return validate_config(cls, read_config_data(text, source, overrides), source)
+
+
+def auth_token() -> str | None:
+    """Ray's token (RAY_AUTH_TOKEN, or the file at RAY_AUTH_TOKEN_PATH), for a cluster
+    started with RAY_AUTH_MODE=token."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    return Path(path).read_text().strip() if path else None
+
+
+def job_client(address: str | None):
+    """A Jobs API client of `address` (or $RAY_ADDRESS), sending the token when there is one."""
+    from ray.job_submission import JobSubmissionClient
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise ConfigError("no cluster: pass --address http://HEAD:8265 or set RAY_ADDRESS")
+    token = auth_token()
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    try:
+        return JobSubmissionClient(address, headers=headers)
+    except Exception as error:  # unreachable, refused (401/403), not a Jobs API
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"cannot use the Jobs API at {address}: {message}") from None
+
+
+def submit_job(
+    kind: str,
+    config_path: Path,
+    address: str | None,
+    overrides: list[str],
+    env: dict[str, str],
+    working_dir: Path,
+    entrypoint_num_cpus: float = 0,
+    entrypoint_num_gpus: float = 0,
+) -> str:
+    """Submit `kind`'s entrypoint with the config and return the job id."""
+    if not config_path.is_file():
+        raise ConfigError(f"config file not found: {config_path}")
+    if not (working_dir / ENTRYPOINTS[kind]).is_file():
+        raise ConfigError(f"{working_dir}: no {ENTRYPOINTS[kind]}; run from the project folder or pass --working-dir")
+    import yaml
+
+    data = read_config_data(config_path.read_text(), str(config_path), overrides)  # a syntax check before upload
+    env_vars = {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
+    env_vars.update(env)
+    env_vars[JOB_CONFIG_ENV] = yaml.safe_dump(data, sort_keys=False)
+    env_vars[JOB_CONFIG_SOURCE_ENV] = str(config_path)
+    client = job_client(address)
+    deadline = time.time() + AGENT_WAIT_S
+    while True:
+        try:
+            return client.submit_job(
+                entrypoint=f"python {ENTRYPOINTS[kind]}",
+                runtime_env={"working_dir": str(working_dir), "excludes": WORKING_DIR_EXCLUDES, "env_vars": env_vars},
+                metadata={"pixfleet_kind": kind, "pixfleet_config": str(config_path)},
+                entrypoint_num_cpus=entrypoint_num_cpus,
+                entrypoint_num_gpus=entrypoint_num_gpus,
+            )
+        except RuntimeError as error:
+            # A head that just started has no job agent for a few seconds.
+            if "No available agent" in str(error) and time.time() < deadline:
+                time.sleep(2)
+                continue
+            raise ConfigError(f"the Jobs API at {client.get_address()} refused the job: {error}") from None
+
+
+def wait_for_job(client, job_id: str, poll_s: float = 1.0) -> str:
+    """Block until the job ends; its final status."""
+    while (status := str(client.get_job_status(job_id).value)) not in TERMINAL:
+        time.sleep(poll_s)
+    return status
+
+
+def stream_logs(client, job_id: str) -> None:
+    """Print the job's log as it is written, until the job ends."""
+    import asyncio
+
+    async def tail() -> None:
+        async for chunk in client.tail_job_logs(job_id):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+
+    asyncio.run(tail())

@@ -56,10 +56,15 @@ def load_config(cls: type[ConfigT], path: str | Path, overrides: list[str] = ())
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+    return validate_config(cls, read_config_data(path.read_text(), str(path), overrides), str(path))
+
+
+def read_config_data(text: str, source: str, overrides: list[str] = ()) -> dict:
+    """YAML text -> a mapping with `overrides` applied, not yet validated."""
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+        raise ConfigError(f"{source}: not valid YAML: {error}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    return validate_config(cls, apply_overrides(data, list(overrides)), str(path))
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    return apply_overrides(data, list(overrides))

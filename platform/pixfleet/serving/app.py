@@ -104,8 +104,11 @@ def serve_config(config: ServingConfig) -> dict[str, Any]:
 def start(config: ServingConfig, address: str | None = None) -> str:
     """Deploy `config` on Ray (embedded local by default) and return the API's base URL."""
     from pixfleet.cluster import ensure_ray
+    from pixfleet.models.loading import check_model_folders
 
-    app = build_app(config)  # checks the API key variable before Ray starts
+    for served in config.models:  # before Ray starts: a missing folder is a one-line error
+        check_model_folders(served.model)
+    app = build_app(config)  # checks the API key variable too
     ensure_ray(address)
     serve.start(http_options=http_options(config))
     serve.run(app, name=config.name, route_prefix=config.route_prefix)
