@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -99,6 +100,8 @@ def cluster(tmp_path_factory):
     finally:
         for process in processes:
             kill_group(process)
+        for folder in (head_dir, worker_dir):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _wait(ready, process: subprocess.Popen, log: Path, timeout_s: float = 90) -> None:
