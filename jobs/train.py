@@ -4,33 +4,18 @@
     ray job submit --working-dir . -- python jobs/train.py pipelines_cfg/train_tiny.yaml
 """
 
-from __future__ import annotations
-
-import argparse
 import sys
 
-from pixfleet.cluster import load_job_config
-from pixfleet.config import ConfigError
+from pixfleet.cluster import job_main
 from pixfleet.config.training import TrainingJobConfig
 from pixfleet.models.loading import ModelLoadError
 from pixfleet.training.strategies import TrainingSetupError
 from pixfleet.training.trainer import TrainingFailed, run_training
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("config", nargs="?", help="job YAML; default: $PIXFLEET_JOB_CONFIG")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], help="a.b=value")
-    args = parser.parse_args(argv)
-    try:
-        job = load_job_config(TrainingJobConfig, args.config, args.overrides)
-        summary = run_training(job)  # connects to the job's cluster ($RAY_ADDRESS)
-    except (ConfigError, ModelLoadError, TrainingSetupError, TrainingFailed) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(summary.render())
-    return 0
+def run(job: TrainingJobConfig) -> str:
+    return run_training(job).render()  # connects to the job's cluster ($RAY_ADDRESS)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(job_main(TrainingJobConfig, run, (ModelLoadError, TrainingSetupError, TrainingFailed), __doc__))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -71,6 +72,29 @@ def load_job_config(cls: type[ConfigT], path: str | None, overrides: list[str]) 
         raise ConfigError(f"no config: pass a YAML path or set {JOB_CONFIG_ENV}")
     source = os.environ.get(JOB_CONFIG_SOURCE_ENV, JOB_CONFIG_ENV)
     return validate_config(cls, read_config_data(text, source, overrides), source)
+
+
+def job_main(
+    config_cls: type[ConfigT],
+    run: Callable[[ConfigT], str],
+    errors: tuple[type[Exception], ...],
+    description: str,
+    argv: list[str] | None = None,
+) -> int:
+    """A `jobs/*.py` entrypoint: `[CONFIG] [--set a.b=value ...]`, then `run` on the config;
+    `errors` (and config errors) print as one `error:` line with exit code 2."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("config", nargs="?", help=f"YAML file; default: ${JOB_CONFIG_ENV}")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="a.b=value")
+    args = parser.parse_args(argv)
+    try:
+        print(run(load_job_config(config_cls, args.config, args.overrides)))
+    except (ConfigError, *errors) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def auth_token() -> str | None:

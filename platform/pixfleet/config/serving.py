@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, field_validator, model_validator
 
 from pixfleet.config.base import StrictModel
@@ -87,6 +89,9 @@ class HttpConfig(StrictModel):
 
     host: str = Field("127.0.0.1", description="Bind address; 0.0.0.0 exposes the API to the network.")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
+    proxy_location: Literal["EveryNode", "HeadOnly"] = Field(
+        "EveryNode", description="Serve HTTP proxies on every node, or on the head only."
+    )
 
 
 class IngressConfig(StrictModel):

@@ -87,7 +87,7 @@ def http_options(config: ServingConfig) -> dict[str, Any]:
 def serve_config(config: ServingConfig) -> dict[str, Any]:
     """A Serve config file (ServeDeploySchema) that deploys `config` with `serve deploy`."""
     return {
-        "proxy_location": "EveryNode",
+        "proxy_location": config.http.proxy_location,
         "http_options": http_options(config),
         "applications": [
             {
@@ -110,7 +110,7 @@ def start(config: ServingConfig, address: str | None = None) -> str:
         check_model_folders(served.model)
     app = build_app(config)  # checks the API key variable too
     ensure_ray(address)
-    serve.start(http_options=http_options(config))
+    serve.start(http_options=http_options(config), proxy_location=config.http.proxy_location)
     serve.run(app, name=config.name, route_prefix=config.route_prefix)
     prefix = config.route_prefix.rstrip("/")
     return f"http://{config.http.host}:{config.http.port}{prefix}"
