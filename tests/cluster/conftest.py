@@ -66,7 +66,8 @@ def _ray_start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Po
 def cluster(tmp_path_factory):
     token = secrets.token_hex(16)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH")}
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    # As from an activated environment: job entrypoints run `python`, found on the nodes' PATH.
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, PATH=f"{Path(RAY).parent}:{env.get('PATH', '')}")
     logs = tmp_path_factory.mktemp("cluster_logs")
     gcs_port, dashboard_port = free_port(), free_port()
     # Short temp dirs: Ray's socket paths must stay under 107 characters.

@@ -218,6 +218,15 @@ def test_timeout_answers_504_and_frees_the_replica(server):
     assert after.status_code == 200
 
 
+def test_a_request_never_asks_for_more_images_than_a_batch_holds(server):
+    headers = {"authorization": f"Bearer {API_KEY}"}
+    with server.client("/tight", headers=headers) as client:  # max_batch_size 1
+        response = client.post("/v1/generate", json=controlnet_request(0, num_images_per_prompt=2))
+        not_json = client.post("/v1/generate", content=b"{oops", headers={"content-type": "application/json"})
+    assert response.status_code == 422 and "at most 1 per request" in response.json()["error"]["message"]
+    assert not_json.status_code == 422 and not_json.json()["error"]["param"] == "body"
+
+
 def test_api_key_is_required_when_configured(server):
     with server.client("/tight") as client:
         missing = client.post("/v1/generate", json=controlnet_request(0))

@@ -107,7 +107,7 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
 
 def _api_error_from_pydantic(errors: list[dict[str, Any]]) -> JSONResponse:
     first = errors[0]
-    field = ".".join(str(part) for part in first["loc"] if part != "body")
+    field = ".".join(str(part) for part in first["loc"] if part != "body") or "body"
     message = "unknown field" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
     return JSONResponse(ApiError(422, f"{field}: {message}", field).body(), status_code=422)
 

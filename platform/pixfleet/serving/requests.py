@@ -118,11 +118,11 @@ def prepare_row(
     except RowError as error:
         field = str(error).removeprefix("parameter ").split(":")[0]
         raise ApiError(422, str(error), field) from None
-    if resolved["num_images_per_prompt"] > limits.max_images_per_request:
+    # A request's images share one pipeline call, so a batch must hold them all.
+    most = min(limits.max_images_per_request, served.batching.max_batch_size)
+    if resolved["num_images_per_prompt"] > most:
         raise ApiError(
-            422,
-            f"num_images_per_prompt: at most {limits.max_images_per_request} per request",
-            "num_images_per_prompt",
+            422, f"num_images_per_prompt: at most {most} per request for {served.name!r}", "num_images_per_prompt"
         )
     fields = image_fields(served)
     arrays = {
