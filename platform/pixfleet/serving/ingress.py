@@ -107,7 +107,9 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
 
 def _api_error_from_pydantic(errors: list[dict[str, Any]]) -> JSONResponse:
     first = errors[0]
-    field = ".".join(str(part) for part in first["loc"] if part != "body") or "body"
+    if first["type"] == "json_invalid":  # loc is ("body", offset): the body as a whole is bad
+        return JSONResponse(ApiError(400, f"body: not valid JSON ({first['msg']})", "body").body(), status_code=400)
+    field = ".".join(str(part) for part in first["loc"] if part != "body")
     message = "unknown field" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
     return JSONResponse(ApiError(422, f"{field}: {message}", field).body(), status_code=422)
 
