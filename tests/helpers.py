@@ -132,3 +132,21 @@ def kill_group(process) -> None:
 
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
+
+
+def register_controlnet(folder: Path, name: str, tracking_uri: str, artifacts: Path, alias: str = "champion") -> str:
+    """Log `folder` as a run's artifact, register it as a new version of `name`, move `alias` to it."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    if mlflow.get_experiment_by_name("registry") is None:
+        mlflow.create_experiment("registry", artifact_location=artifacts.as_uri())
+    mlflow.set_experiment("registry")
+    client = mlflow.MlflowClient(tracking_uri)
+    with mlflow.start_run() as run:
+        mlflow.log_artifacts(str(folder), artifact_path="controlnet")
+    if not client.search_registered_models(filter_string=f"name = '{name}'"):
+        client.create_registered_model(name)
+    version = client.create_model_version(name, f"{run.info.artifact_uri}/controlnet", run.info.run_id)
+    client.set_registered_model_alias(name, alias, version.version)
+    return version.version

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from pixfleet.config.serving import ServingConfig
-from tests.helpers import tiny_spec
+from tests.helpers import register_controlnet, tiny_spec
 
 API_KEY = "test-key-123"
 REGISTERED = "tiny-cn"
@@ -32,24 +32,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def register_controlnet(folder: Path, tracking_uri: str, artifacts: Path, alias: str = "champion") -> str:
-    """Log `folder` as a run's artifact and register it as a new version of REGISTERED."""
-    import mlflow
-
-    mlflow.set_tracking_uri(tracking_uri)
-    if mlflow.get_experiment_by_name("serving") is None:
-        mlflow.create_experiment("serving", artifact_location=artifacts.as_uri())
-    mlflow.set_experiment("serving")
-    client = mlflow.MlflowClient(tracking_uri)
-    with mlflow.start_run() as run:
-        mlflow.log_artifacts(str(folder), artifact_path="controlnet")
-    if not client.search_registered_models(filter_string=f"name = '{REGISTERED}'"):
-        client.create_registered_model(REGISTERED)
-    version = client.create_model_version(REGISTERED, f"{run.info.artifact_uri}/controlnet", run.info.run_id)
-    client.set_registered_model_alias(REGISTERED, alias, version.version)
-    return version.version
 
 
 def serving_config(tiny_dir: Path, tracking_uri: str, port: int, name: str, **overrides) -> ServingConfig:
@@ -89,7 +71,7 @@ def server(ray_session, tiny_dir, tmp_path_factory):
     registry_dir = tmp_path_factory.mktemp("registry")
     tracking_uri = f"sqlite:///{registry_dir}/mlflow.db"
     make_tiny_pipeline("controlnet", registry_dir / "v1", seed=1)
-    register_controlnet(registry_dir / "v1" / "controlnet", tracking_uri, registry_dir / "artifacts")
+    register_controlnet(registry_dir / "v1" / "controlnet", REGISTERED, tracking_uri, registry_dir / "artifacts")
 
     port = free_port()
     main = serving_config(tiny_dir, tracking_uri, port, "main")

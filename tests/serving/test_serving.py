@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import direct_call, png_bytes, random_image
-from tests.serving.conftest import API_KEY, REGISTERED, register_controlnet
+from tests.helpers import direct_call, png_bytes, random_image, register_controlnet
+from tests.serving.conftest import API_KEY, REGISTERED
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -248,7 +248,10 @@ def test_registered_controlnets_are_multiplexed_and_a_new_version_needs_no_redep
         v1 = client.post("/v1/generate", json=controlnet_request(2, seed=5, controlnet=f"{REGISTERED}@champion"))
         make_tiny_pipeline("controlnet", server.registry_dir / "v2", seed=2)
         version = register_controlnet(
-            server.registry_dir / "v2" / "controlnet", server.tracking_uri, server.registry_dir / "artifacts"
+            server.registry_dir / "v2" / "controlnet",
+            REGISTERED,
+            server.tracking_uri,
+            server.registry_dir / "artifacts",
         )
         v2 = client.post("/v1/generate", json=controlnet_request(2, seed=5, controlnet=f"{REGISTERED}@champion"))
         pinned = client.post("/v1/generate", json=controlnet_request(2, seed=5, controlnet=f"{REGISTERED}/1"))

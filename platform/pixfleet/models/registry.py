@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
+import tempfile
 from pathlib import Path
 
 from pixfleet.config import ModelSpec
@@ -33,12 +35,27 @@ def download_model(uri: str, tracking_uri: str) -> str:
             key, source = f"{tracking_uri}|{uri}", uri
         folder = CACHE / hashlib.sha256(key.encode()).hexdigest()[:16]
         if not folder.exists():
-            mlflow.set_tracking_uri(tracking_uri)
-            downloaded = mlflow.artifacts.download_artifacts(source, dst_path=str(folder.with_suffix(".tmp")))
-            Path(downloaded).rename(folder)
+            _download(mlflow, source, tracking_uri, folder)
     except Exception as error:
         raise RegistryError(f"{uri}: cannot resolve in MLflow at {tracking_uri} ({error})") from None
     return str(folder)
+
+
+def _download(mlflow, source: str, tracking_uri: str, folder: Path) -> None:
+    """Download into a private staging folder, then rename: replicas starting together on one
+    node may fetch the same version at once, and the first rename wins."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=CACHE, prefix=f"{folder.name}."))
+    try:
+        mlflow.set_tracking_uri(tracking_uri)
+        downloaded = mlflow.artifacts.download_artifacts(source, dst_path=str(staging))
+        try:
+            Path(downloaded).rename(folder)
+        except OSError:
+            if not folder.exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def resolve_registry_models(spec: ModelSpec, tracking_uri: str) -> ModelSpec:
