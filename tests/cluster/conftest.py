@@ -54,7 +54,16 @@ class LocalCluster:
 
 def _ray_start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [RAY, "start", "--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1", *args],
+        # A small object store each: CI machines may have little shared memory.
+        [
+            RAY,
+            "start",
+            "--block",
+            "--disable-usage-stats",
+            "--node-ip-address=127.0.0.1",
+            "--object-store-memory=300000000",
+            *args,
+        ],
         env=env,
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
