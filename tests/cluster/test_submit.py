@@ -121,24 +121,15 @@ def test_two_training_workers_span_both_nodes(cluster, tmp_path, tiny_dir, fill5
 
 
 def test_a_serve_job_deploys_an_api_that_outlives_the_job(cluster, tmp_path, tiny_dir):
-    import httpx
-
-    from tests.helpers import png_bytes, random_image
-    from tests.serving.conftest import free_port, serving_config
+    from tests.serving.conftest import free_port, post_upload, serving_config, write_yaml
 
     port = free_port()
     # Two nodes on one machine cannot both bind the port: one proxy, on the head.
     config = serving_config(tiny_dir, f"sqlite:///{tmp_path}/mlflow.db", port, "cluster", route_prefix="/")
     config = config.model_copy(update={"http": config.http.model_copy(update={"proxy_location": "HeadOnly"})})
-    path = tmp_path / "serve.yaml"
-    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    path = write_yaml(config, tmp_path / "serve.yaml")
     result = pixfleet(cluster, "submit", "serve", str(path), "--address", cluster.address, "--wait")
     assert result.returncode == 0, result.stdout + result.stderr
-    response = httpx.post(
-        f"http://127.0.0.1:{port}/v1/generate/upload",
-        data={"params": '{"model": "tiny-controlnet", "prompt": "a circle", "seed": 1}'},
-        files={"control_images": ("c.png", png_bytes(random_image(0)), "image/png")},
-        timeout=120,
-    )
+    response = post_upload(f"http://127.0.0.1:{port}", seed=1)
     assert response.status_code == 200, response.text
     assert response.json()["data"][0]["seed"] == 1

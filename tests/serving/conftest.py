@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from pixfleet.config.serving import ServingConfig
 from tests.helpers import register_controlnet, tiny_spec
@@ -32,6 +33,25 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def post_upload(base_url: str, **params) -> httpx.Response:
+    """A tiny-controlnet generation through the multipart route, as a user's script sends it."""
+    import json
+
+    from tests.helpers import png_bytes, random_image
+
+    return httpx.post(
+        f"{base_url}/v1/generate/upload",
+        data={"params": json.dumps({"model": "tiny-controlnet", "prompt": "a circle", **params})},
+        files={"control_images": ("c.png", png_bytes(random_image(0)), "image/png")},
+        timeout=120,
+    )
+
+
+def write_yaml(config: ServingConfig, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    return path
 
 
 def serving_config(tiny_dir: Path, tracking_uri: str, port: int, name: str, **overrides) -> ServingConfig:

@@ -13,20 +13,15 @@ import httpx
 import pytest
 import yaml
 
-from tests.helpers import kill_group, png_bytes, random_image, start_cli
-from tests.serving.conftest import free_port, serving_config
-
-
-def _write(config, path):
-    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
-    return path
+from tests.helpers import kill_group, start_cli
+from tests.serving.conftest import free_port, post_upload, serving_config, write_yaml
 
 
 @pytest.mark.timeout(240)
 def test_pixfleet_serve_answers_then_stops_on_sigterm(tmp_path, tiny_dir):
     port = free_port()
     config = serving_config(tiny_dir, f"sqlite:///{tmp_path}/mlflow.db", port, "cli", route_prefix="/")
-    process = start_cli("serve", _write(config, tmp_path / "serve.yaml"), tmp_path)
+    process = start_cli("serve", write_yaml(config, tmp_path / "serve.yaml"), tmp_path)
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(line.decode() for line in process.stdout), daemon=True).start()
     try:
@@ -37,12 +32,7 @@ def test_pixfleet_serve_answers_then_stops_on_sigterm(tmp_path, tiny_dir):
             assert process.poll() is None and time.time() < deadline, "".join(lines)
             time.sleep(0.5)
         assert httpx.get(f"{url}/healthz", timeout=5).status_code == 200
-        response = httpx.post(
-            f"{url}/v1/generate/upload",
-            data={"params": '{"model": "tiny-controlnet", "prompt": "a circle"}'},
-            files={"control_images": ("c.png", png_bytes(random_image(0)), "image/png")},
-            timeout=60,
-        )
+        response = post_upload(url)
         assert response.status_code == 200, response.text
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=60)
@@ -64,7 +54,7 @@ def test_written_serve_config_validates_against_serves_schema(tmp_path, tiny_dir
             "-m",
             "pixfleet.cli",
             "serve",
-            str(_write(config, tmp_path / "s.yaml")),
+            str(write_yaml(config, tmp_path / "s.yaml")),
             "--write-serve-config",
             str(out),
         ],
@@ -88,7 +78,7 @@ def test_missing_api_key_variable_is_a_clear_error(tmp_path, tiny_dir, monkeypat
     monkeypatch.delenv("PIXFLEET_NO_SUCH_KEY", raising=False)
     config = serving_config(tiny_dir, f"sqlite:///{tmp_path}/mlflow.db", 8000, "k", api_key_env="PIXFLEET_NO_SUCH_KEY")
     result = subprocess.run(
-        [sys.executable, "-m", "pixfleet.cli", "serve", str(_write(config, tmp_path / "s.yaml"))],
+        [sys.executable, "-m", "pixfleet.cli", "serve", str(write_yaml(config, tmp_path / "s.yaml"))],
         capture_output=True,
         text=True,
         timeout=120,
