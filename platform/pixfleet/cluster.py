@@ -20,6 +20,7 @@ import ray
 from pydantic import BaseModel
 
 from pixfleet.config.loading import ConfigError, read_config_data, validate_config
+from pixfleet.errors import UserError
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
@@ -47,17 +48,39 @@ AGENT_WAIT_S = 60
 def ensure_ray(address: str | None = None) -> None:
     """Connect to `address` (or $RAY_ADDRESS), or start an embedded local Ray (no dashboard).
 
-    An already initialised Ray (a test session, a Ray Job's driver) is reused as it is.
+    The embedded Ray keeps Ray's token authentication on: Ray generates the token for a local
+    cluster (`~/.ray/auth_token`, readable by its owner only) and its own processes use it; a
+    client without it is refused by the GCS, the raylets and the agents. An already
+    initialised Ray (a test session, a Ray Job's driver) is reused as it is.
     """
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
-    else:
-        # Nothing outside this process talks to an embedded Ray: no dashboard, no token.
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(address="local", include_dashboard=False)
+        return
+    ray.init(address="local", include_dashboard=False)
+    token = Path.home() / ".ray" / "auth_token"
+    if token.is_file() and token.stat().st_uid == os.getuid():
+        token.chmod(0o600)  # Ray writes it world-readable; it is a credential
+    _watch_for_a_killed_driver()
+
+
+def _watch_for_a_killed_driver() -> None:
+    """Start `pixfleet.reaper` beside the embedded Ray: should this driver be killed, it ends
+    the Ray processes that would otherwise outlive it (see the reaper's docstring)."""
+    import subprocess
+
+    import psutil
+
+    driver = psutil.Process()
+    subprocess.Popen(
+        [sys.executable, "-m", "pixfleet.reaper", str(driver.pid), str(driver.create_time())],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # outlives the driver's process group
+    )
 
 
 def load_job_config(cls: type[ConfigT], path: str | None, overrides: list[str]) -> ConfigT:
@@ -75,14 +98,10 @@ def load_job_config(cls: type[ConfigT], path: str | None, overrides: list[str]) 
 
 
 def job_main(
-    config_cls: type[ConfigT],
-    run: Callable[[ConfigT], str],
-    errors: tuple[type[Exception], ...],
-    description: str,
-    argv: list[str] | None = None,
+    config_cls: type[ConfigT], run: Callable[[ConfigT], str], description: str, argv: list[str] | None = None
 ) -> int:
     """A `jobs/*.py` entrypoint: `[CONFIG] [--set a.b=value ...]`, then `run` on the config;
-    `errors` (and config errors) print as one `error:` line with exit code 2."""
+    a user error prints as one `error:` line and exits with its code, as the CLI does."""
     import argparse
 
     parser = argparse.ArgumentParser(description=description)
@@ -91,9 +110,9 @@ def job_main(
     args = parser.parse_args(argv)
     try:
         print(run(load_job_config(config_cls, args.config, args.overrides)))
-    except (ConfigError, *errors) as error:
+    except UserError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return error.exit_code
     return 0
 
 

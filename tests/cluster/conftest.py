@@ -29,9 +29,9 @@ class LocalCluster:
     token: str
 
     def env(self, with_token: bool = True) -> dict[str, str]:
-        """The submitting shell's environment (the client itself runs without Ray auth)."""
+        """The submitting shell's environment: the cluster's token, or none."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
-        env.update(RAY_AUTH_MODE="disabled", RAY_ADDRESS="")
+        env.update(RAY_ADDRESS="")
         if with_token:
             env["RAY_AUTH_TOKEN"] = self.token
         return env
