@@ -8,9 +8,7 @@ import sys
 
 from pixfleet.cluster import job_main
 from pixfleet.config import GenerationJobConfig
-from pixfleet.generation.job import GenerationFailed, run_generation
-from pixfleet.models.loading import ModelLoadError
-from pixfleet.models.registry import RegistryError
+from pixfleet.generation.job import run_generation
 
 
 def run(job: GenerationJobConfig) -> str:
@@ -18,4 +16,4 @@ def run(job: GenerationJobConfig) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(job_main(GenerationJobConfig, run, (ModelLoadError, RegistryError, GenerationFailed), __doc__))
+    sys.exit(job_main(GenerationJobConfig, run, __doc__))

@@ -10,7 +10,6 @@ import sys
 
 from pixfleet.cluster import job_main
 from pixfleet.config.serving import ServingConfig
-from pixfleet.models.loading import ModelLoadError
 from pixfleet.serving.app import start
 
 
@@ -20,4 +19,4 @@ def run(config: ServingConfig) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(job_main(ServingConfig, run, (ModelLoadError,), __doc__))
+    sys.exit(job_main(ServingConfig, run, __doc__))

@@ -8,9 +8,7 @@ import sys
 
 from pixfleet.cluster import job_main
 from pixfleet.config.training import TrainingJobConfig
-from pixfleet.models.loading import ModelLoadError
-from pixfleet.training.strategies import TrainingSetupError
-from pixfleet.training.trainer import TrainingFailed, run_training
+from pixfleet.training.trainer import run_training
 
 
 def run(job: TrainingJobConfig) -> str:
@@ -18,4 +16,4 @@ def run(job: TrainingJobConfig) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(job_main(TrainingJobConfig, run, (ModelLoadError, TrainingSetupError, TrainingFailed), __doc__))
+    sys.exit(job_main(TrainingJobConfig, run, __doc__))

@@ -26,10 +26,16 @@ def random_image(seed: int, size: tuple[int, int] = (64, 64)) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
 
 
-def direct_call(pipe, task: str, prompts, seeds, controls=(), sources=(), masks=(), size=(64, 64), **params):
+def direct_call(
+    pipe, task: str, prompts, seeds, controls=(), sources=(), masks=(), size=(64, 64), controls_2=None, **params
+):
     """Call `pipe` as a user would, one generator per prompt; returns uint8 images.
 
-    Built independently of pixfleet's own argument plumbing, as the reference.
+    Built independently of pixfleet's own argument plumbing, as the reference. `size=None`
+    passes no width/height where the pipeline derives them from its images; SDXL
+    InstructPix2Pix does not (it gets the images' size rounded down to the VAE's multiple),
+    and the inpaint pipeline wants multiples of 8 whatever its VAE (it gets them).
+    A multi-ControlNet pipeline gets `controls` for both ControlNets unless `controls_2`.
     """
     import inspect
 
@@ -38,11 +44,21 @@ def direct_call(pipe, task: str, prompts, seeds, controls=(), sources=(), masks=
     info = TASKS[task]
     kwargs = {"prompt": list(prompts), "num_inference_steps": 2, "output_type": "np", **params}
     kwargs["generator"] = [torch.Generator().manual_seed(s) for s in seeds]
-    if "height" in inspect.signature(pipe.__call__).parameters:
+    if size is None and task in ("sdxl_pix2pix", "controlnet_inpaint"):
+        multiple = 8 if task == "controlnet_inpaint" else pipe.vae_scale_factor
+        width, height = sources[0].size
+        size = (width - width % multiple, height - height % multiple)
+    if size is not None and "height" in inspect.signature(pipe.__call__).parameters:
         kwargs.update(width=size[0], height=size[1])
-    if task in MULTI_CONTROLNET_TASKS:  # one batch per ControlNet, as a [0, 1] tensor
-        batch = torch.stack([torch.from_numpy(np.array(c)).permute(2, 0, 1) for c in controls])
-        control = [batch.float() / 255] * 2
+    if task in MULTI_CONTROLNET_TASKS:
+        per_controlnet = [list(controls), list(controls_2 or controls)]
+        if len(prompts) == 1:  # one image per ControlNet, as PIL
+            control = [images[0] for images in per_controlnet]
+        else:  # one batch per ControlNet, as a [0, 1] tensor
+            control = [
+                torch.stack([torch.from_numpy(np.array(c)).permute(2, 0, 1) for c in images]).float() / 255
+                for images in per_controlnet
+            ]
     else:
         control = list(controls)
     if info.uses_controlnet and info.needs_source_image:
@@ -69,6 +85,11 @@ def call_tiny(pipe, task: str, prompts: list[str], seeds: list[int], size=(64, 6
     sources = [random_image(s + 1000, size) for s in seeds] if TASKS[task].uses_controlnet else controls
     masks = [left_half_mask(size)] * len(seeds)
     return direct_call(pipe, task, prompts, seeds, controls, sources, masks, size, **params)
+
+
+def odd_image(seed: int, size: tuple[int, int], mode: str = "RGB") -> Image.Image:
+    """Seeded noise of (width, height) in `mode` (as users bring: L, RGBA, P, CMYK...)."""
+    return random_image(seed, size).convert(mode)
 
 
 def tiny_job(tiny_dir: Path, task: str, source_path: Path | str, output_dir: Path, **sections):

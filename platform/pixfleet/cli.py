@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from pixfleet.config import ConfigError
+from pixfleet.errors import UserError
 
 app = typer.Typer(help="Controlled image generation at dataset scale on Ray.", no_args_is_help=True)
 models_app = typer.Typer(help="Model utilities.", no_args_is_help=True)
@@ -26,9 +26,12 @@ AddressOption = Annotated[
 ]
 
 
-def _fail(message: str) -> None:
+EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM; user errors exit with their own code (2, or 3)
+
+
+def _fail(message: str, code: int = UserError.exit_code) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
+    raise typer.Exit(code)
 
 
 @models_app.command("make-tiny")
@@ -37,12 +40,19 @@ def make_tiny(
     out: Annotated[Path, typer.Option(help="Folder to save the pipeline in.")],
     controlnets: Annotated[int, typer.Option(help="Number of ControlNets (2+ = multi).")] = 1,
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+    zero_convs: Annotated[
+        bool,
+        typer.Option(
+            help="Keep ControlNets' zero convs at zero, as a fresh ControlNet has them (the control image "
+            "then has no effect); by default they get random weights."
+        ),
+    ] = False,
 ) -> None:
     """Build a tiny random pipeline of TASK and save it with save_pretrained."""
     from pixfleet.models.tiny import make_tiny_pipeline
 
     try:
-        make_tiny_pipeline(task, out, num_controlnets=controlnets, seed=seed)
+        make_tiny_pipeline(task, out, num_controlnets=controlnets, seed=seed, zero_convs=zero_convs)
     except ValueError as error:
         _fail(str(error))
     typer.echo(f"saved tiny {task} pipeline to {out}")
@@ -70,21 +80,26 @@ def generate(
     config: Annotated[Path, typer.Argument(help="Generation job YAML.")],
     set_: SetOption = None,
     address: AddressOption = None,
+    ray_progress: Annotated[
+        bool, typer.Option(help="Show Ray Data's per-operator progress bars beside pixfleet's line.")
+    ] = False,
 ) -> None:
-    """Run a bulk generation job on Ray Data."""
+    """Run a bulk generation job on Ray Data.
+
+    Exit codes: 0 done; 2 a config, source or model problem (nothing ran); 3 stopped past
+    max_failed_fraction (rows written stay, rerun to resume); 130 interrupted.
+    """
     from pixfleet.config import GenerationJobConfig, load_config
-    from pixfleet.generation.job import GenerationFailed, run_generation
-    from pixfleet.models.loading import ModelLoadError
-    from pixfleet.models.registry import RegistryError
+    from pixfleet.generation.job import run_generation
 
     try:
         job = load_config(GenerationJobConfig, config, set_ or [])
-        summary = run_generation(job, address=address or os.environ.get("RAY_ADDRESS"))
-    except (ConfigError, ModelLoadError, RegistryError, GenerationFailed) as error:
-        _fail(str(error))
+        summary = run_generation(job, address=address or os.environ.get("RAY_ADDRESS"), ray_progress=ray_progress)
+    except UserError as error:
+        _fail(str(error), error.exit_code)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the MLflow run is already marked KILLED
         typer.secho("interrupted; rerun the same command to resume", fg=typer.colors.YELLOW, err=True)
-        raise typer.Exit(130) from None
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     typer.echo(summary.render())
 
 
@@ -97,22 +112,20 @@ def train(
     """Fine-tune a ControlNet on Ray Train (DeepSpeed or DDP)."""
     from pixfleet.config import load_config
     from pixfleet.config.training import TrainingJobConfig
-    from pixfleet.models.loading import ModelLoadError
-    from pixfleet.training.strategies import TrainingSetupError
-    from pixfleet.training.trainer import TrainingFailed, run_training
+    from pixfleet.training.trainer import run_training
 
     try:
         job = load_config(TrainingJobConfig, config, set_ or [])
         summary = run_training(job, address=address or os.environ.get("RAY_ADDRESS"))
-    except (ConfigError, ModelLoadError, TrainingSetupError, TrainingFailed) as error:
-        _fail(str(error))
+    except UserError as error:
+        _fail(str(error), error.exit_code)
     except KeyboardInterrupt:
         typer.secho(
             "interrupted; rerun with --set train.resume_from_checkpoint=latest to resume",
             fg=typer.colors.YELLOW,
             err=True,
         )
-        raise typer.Exit(130) from None
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     typer.echo(summary.render())
 
 
@@ -128,7 +141,6 @@ def serve(
     """Serve models over HTTP on Ray Serve (blocks on an embedded Ray; returns on a cluster)."""
     from pixfleet.config import load_config
     from pixfleet.config.serving import ServingConfig
-    from pixfleet.models.loading import ModelLoadError
     from pixfleet.serving import app as serving
 
     try:
@@ -144,11 +156,11 @@ def serve(
             typer.echo(f"deployed; API at {serving.start(job, address)}")
         else:
             serving.serve_forever(job)
-    except (ConfigError, ModelLoadError) as error:
-        _fail(str(error))
+    except UserError as error:
+        _fail(str(error), error.exit_code)
     except KeyboardInterrupt:
         typer.secho("stopped serving", fg=typer.colors.YELLOW, err=True)
-        raise typer.Exit(130) from None
+        raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
 class JobKind(StrEnum):
@@ -202,8 +214,8 @@ def submit(
         if follow:
             cluster.stream_logs(client, job_id)
         status = cluster.wait_for_job(client, job_id)
-    except ConfigError as error:
-        _fail(str(error))
+    except UserError as error:
+        _fail(str(error), error.exit_code)
     typer.echo(f"job {job_id} {status}")
     if status != "SUCCEEDED":
         if not follow:
@@ -217,8 +229,8 @@ def _jobs_client(address: str | None):
 
     try:
         return job_client(address)
-    except ConfigError as error:
-        _fail(str(error))
+    except UserError as error:
+        _fail(str(error), error.exit_code)
 
 
 @jobs_app.command("list")

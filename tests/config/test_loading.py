@@ -107,6 +107,17 @@ def _write(tmp_path, project_dir, edit) -> Path:
             lambda d: d["preprocess"].update(width=65),
             r"field 'preprocess\.width': must be a multiple of 8",
         ),
+        (lambda d: d["params"].update(guidance_scale=float("inf")), r"'params\.guidance_scale': .* finite number"),
+        (lambda d: d["params"].update(control_guidance_end=2), r"'params\.control_guidance_end\.0': .* less than or"),
+        (
+            lambda d: d["params"].update(control_guidance_start=0.9, control_guidance_end=0.1),
+            r"control_guidance_start 0\.9 must be below control_guidance_end 0\.1",
+        ),
+        (
+            lambda d: d["params"].update(image_guidance_scale=1.5),
+            r"job\.yaml: params\.image_guidance_scale: task 'controlnet' does not take this parameter",
+        ),
+        (lambda d: d.update(seed=2**63), r"field 'seed': Input should be less than 9223372036854775808"),
     ],
 )
 def test_bad_config_names_file_and_field(tmp_path, project_dir, edit, message):
@@ -114,6 +125,12 @@ def test_bad_config_names_file_and_field(tmp_path, project_dir, edit, message):
     with pytest.raises(ConfigError, match=message) as error:
         load_config(GenerationJobConfig, path)
     assert str(error.value).startswith(str(path))
+
+
+def test_training_resolution_must_be_a_multiple_of_8(project_dir, monkeypatch):
+    monkeypatch.chdir(project_dir)
+    with pytest.raises(ConfigError, match=r"field 'train\.resolution': Input should be a multiple of 8"):
+        load_config(TrainingJobConfig, PIPELINES_CFG / "train_tiny.yaml", ["train.resolution=70"])
 
 
 def test_missing_config_file(tmp_path):

@@ -11,7 +11,7 @@ import pandas as pd
 import psutil
 import pytest
 
-from pixfleet.generation import columns as C
+from pixfleet.engine import columns as C
 from pixfleet.generation.job import run_generation
 from tests.helpers import kill_group, start_cli, tiny_job, write_job_yaml
 

@@ -12,13 +12,19 @@ import pytest
 from PIL import Image
 
 from pixfleet.config import ConfigError
-from pixfleet.generation import columns as C
+from pixfleet.engine import columns as C
+from pixfleet.engine.params import derive_seed, input_key
 from pixfleet.generation.job import GenerationFailed, run_generation
-from pixfleet.generation.params import derive_seed
 from pixfleet.models.loading import ModelLoadError, load_pipeline
 from tests.helpers import direct_call, png_bytes, random_image, tiny_job, tiny_spec
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.usefixtures("ray_session")]
+
+
+def summary_hash(job) -> str:
+    from pixfleet.models.identity import ModelIdentity
+
+    return ModelIdentity.of(job.model).base_model_hash[:10]
 
 
 def _mlflow_run(output_dir, run_id):
@@ -26,13 +32,16 @@ def _mlflow_run(output_dir, run_id):
     return mlflow.get_run(run_id)
 
 
-def test_job_writes_every_row_faithfully_and_a_rerun_skips_them(tiny_dir, fill50k_dir, tmp_path):
+def test_job_writes_every_row_faithfully_and_a_rerun_skips_them(tiny_dir, fill50k_dir, tmp_path, capsys):
     out = tmp_path / "out"
     job = tiny_job(tiny_dir, "controlnet", fill50k_dir, out, resources={"batch_size": 4})
     summary = run_generation(job)
 
     # Rows in = rows out, one image file per row, named from the row id.
     assert (summary.rows_in, summary.images_ok, summary.rows_failed) == (16, 16, 0)
+    progress = capsys.readouterr().err
+    assert "rows 16/16  ok 16  failed 0  skipped 0  |" in progress
+    assert "Running Dataset" not in progress  # Ray Data's own bars and plan stay quiet
     manifest = pd.read_parquet(out / "manifest.parquet")
     assert len(manifest) == 16 and manifest[C.ROW_ID].is_unique
     assert set(manifest[C.STATUS]) == {C.OK}
@@ -44,15 +53,17 @@ def test_job_writes_every_row_faithfully_and_a_rerun_skips_them(tiny_dir, fill50
     row = manifest.iloc[0]
     line = int(row[C.SOURCE_REF].rsplit(":", 1)[1])
     record = json.loads((fill50k_dir / "metadata.jsonl").read_text().splitlines()[line - 1])
-    assert row[C.SEED] == derive_seed(0, row[C.ROW_ID])
+    control_file = fill50k_dir / record["conditioning_image_file_name"]
+    assert row[C.SEED] == derive_seed(0, input_key([control_file.read_bytes()], {"prompt": record["text"]}))
     pipe = load_pipeline(tiny_spec(tiny_dir, "controlnet"))
     pipe.set_progress_bar_config(disable=True)
-    control = Image.open(fill50k_dir / record["conditioning_image_file_name"]).convert("RGB")
-    control = control.resize((32, 32), Image.Resampling.BICUBIC)  # the job's preprocessing
+    control = Image.open(control_file).convert("RGB")
+    control = control.resize((32, 32), Image.Resampling.LANCZOS)  # the job's preprocessing
     expected = direct_call(pipe, "controlnet", [record["text"]], [int(row[C.SEED])], [control], size=(32, 32))[0]
     written = np.asarray(Image.open(row[C.OUTPUT_PATH]))
     assert np.abs(written.astype(float) - expected).mean() < 1.0
     assert row["controlnet_conditioning_scale"].tolist() == [1.0]
+    assert (row["width"], row["height"], row["model_hash"]) == (32, 32, summary_hash(job))
     assert Image.open(row[C.OUTPUT_PATH]).info["parameters"].startswith(record["text"])
 
     # MLflow: params, counts, throughput, sample grid.
@@ -114,7 +125,7 @@ def test_too_many_failures_stop_the_job_and_keep_what_was_written(tiny_dir, tmp_
     job = _id_and_image_manifest_job(
         tiny_dir, manifest_path, out, max_failed_fraction=0.25, resources={"batch_size": 2}
     )
-    with pytest.raises(GenerationFailed, match=r"rows failed, over max_failed_fraction=0.25; first: bad-\d: "):
+    with pytest.raises(GenerationFailed, match=r"rows failed, over max_failed_fraction=0.25; first: rows.jsonl:\d: "):
         run_generation(job)
     runs = mlflow.search_runs(experiment_names=["tests"], output_format="list")
     assert runs[0].info.status == "FAILED"
@@ -146,3 +157,56 @@ def test_pix2pix_over_a_folder_of_images(tiny_dir, fill50k_dir, tmp_path):
     image = Image.open(io.BytesIO((next((out / "images").iterdir())).read_bytes()))
     assert image.size == (32, 32)
     assert "Image CFG scale: 1.5" in image.info["parameters"]
+
+
+def test_every_failed_input_keeps_its_own_manifest_row_and_reason(tiny_dir, tmp_path):
+    """Inputs with no content (empty file, symlink loop, a folder named like an image) used to
+    share the id of "no bytes"; each now has a row of its own, named by its file."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(2):
+        (folder / f"good-{i}.png").write_bytes(png_bytes(random_image(i)))
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "other-empty.png").write_bytes(b"")
+    (folder / "loop.png").symlink_to(folder / "loop.png")
+    (folder / "x.png").mkdir()
+    out = tmp_path / "out"
+    summary = run_generation(tiny_job(tiny_dir, "controlnet", folder, out, max_failed_fraction=1.0))
+
+    assert (summary.rows_in, summary.images_ok, summary.rows_failed) == (6, 2, 4)
+    manifest = pd.read_parquet(out / "manifest.parquet")
+    failed = manifest[manifest[C.STATUS] == C.FAILED].set_index(C.SOURCE_REF)
+    assert len(failed) == 4 and failed[C.ROW_ID].is_unique
+    reasons = {name.rsplit("/", 1)[1]: reason for name, reason in failed[C.ERROR].items()}
+    assert reasons["empty.png"] == reasons["other-empty.png"] == "image file: empty (zero-size) image"
+    assert reasons["loop.png"].endswith("cannot read (Too many levels of symbolic links)")
+    assert reasons["x.png"].endswith("x.png is a folder, not an image file")
+    assert summary.render().count("  failed: ") == 4
+
+
+def test_the_summary_names_files_and_counts_the_failures_it_does_not_show():
+    from pixfleet.generation.job import GenerationSummary
+
+    summary = GenerationSummary(rows_in=9, rows_failed=7)
+    summary.failures = [f"rows.jsonl:{i}: image: no such file" for i in range(1, 8)]
+    text = summary.render()
+    assert "  failed: rows.jsonl:1: image: no such file" in text
+    assert "  failed: rows.jsonl:6" not in text
+    assert "  ... and 2 more (status 'failed' in manifest.parquet)" in text
+
+
+def test_a_job_stopped_by_its_failure_budget_exits_3(tiny_dir, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from pixfleet import cli
+    from pixfleet.generation import job as generation_job
+    from tests.helpers import write_job_yaml
+
+    def over_budget(*args, **kwargs):
+        raise GenerationFailed("5 of 8 rows failed, over max_failed_fraction=0.25; first: rows.jsonl:1: ...")
+
+    monkeypatch.setattr(generation_job, "run_generation", over_budget)
+    path = write_job_yaml(tiny_job(tiny_dir, "controlnet", tmp_path, tmp_path / "out"), tmp_path / "job.yaml")
+    result = CliRunner().invoke(cli.app, ["generate", str(path)])
+    assert result.exit_code == 3, result.output
+    assert "error: 5 of 8 rows failed" in result.output

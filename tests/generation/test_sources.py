@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import tarfile
@@ -10,7 +11,7 @@ import pandas as pd
 import pytest
 
 from pixfleet.config import ConfigError, SourceConfig
-from pixfleet.generation import columns as C
+from pixfleet.engine import columns as C
 from pixfleet.generation.sources import detect_format, open_source
 from tests.helpers import png_bytes, random_image
 
@@ -30,12 +31,14 @@ def _canonical(folder, fmt: str, **source) -> pd.DataFrame:
     return pd.DataFrame(opened.dataset.take_all()).sort_values(C.ROW_ID).reset_index(drop=True)
 
 
-def _assert_canonical(table: pd.DataFrame, with_seed: bool = True) -> None:
+def _assert_canonical(table: pd.DataFrame, cells_are_text: bool = False) -> None:
+    """`cells_are_text`: a CSV's cells stay text; parameters parse them when rows are resolved."""
     assert list(table[C.ROW_ID]) == [r["id"] for r in ROWS]
-    assert list(table[C.PROMPT]) == [r["text"] for r in ROWS]
+    own = [json.loads(params) for params in table[C.ROW_PARAMS]]
+    cast = str if cells_are_text else int
+    assert own == [{"prompt": r["text"], "seed": cast(r["seed"])} for r in ROWS]
     assert list(table[C.control_column(0)]) == [r["edge"] for r in ROWS]
-    if with_seed:
-        assert [int(s) for s in table["seed"]] == [r["seed"] for r in ROWS]
+    assert set(table[C.LOAD_ERRORS]) == {"{}"}
 
 
 def _files_and_table(folder):
@@ -53,7 +56,7 @@ def test_jsonl_manifest_with_relative_paths(tmp_path):
 
 def test_csv_manifest_with_relative_paths(tmp_path):
     _files_and_table(tmp_path / "m").to_csv(tmp_path / "m" / "rows.csv", index=False)
-    _assert_canonical(_canonical(tmp_path / "m" / "rows.csv", "manifest"))
+    _assert_canonical(_canonical(tmp_path / "m" / "rows.csv", "manifest"), cells_are_text=True)
 
 
 def test_parquet_manifest_with_image_bytes(tmp_path):
@@ -96,9 +99,9 @@ def test_webdataset_shards(tmp_path):
     assert opened.num_rows == 3
     table = pd.DataFrame(opened.dataset.take_all()).sort_values(C.SOURCE_REF).reset_index(drop=True)
     assert list(table[C.SOURCE_REF]) == [r["id"] for r in ROWS]
-    assert list(table[C.PROMPT]) == [r["text"] for r in ROWS]
+    own = [json.loads(params) for params in table[C.ROW_PARAMS]]
+    assert own == [{"prompt": r["text"], "seed": r["seed"]} for r in ROWS]
     assert list(table[C.control_column(0)]) == [r["edge"] for r in ROWS]
-    assert list(table["seed"]) == [r["seed"] for r in ROWS]
 
 
 def test_folder_of_images_uses_each_image_as_control(tmp_path):
@@ -115,3 +118,92 @@ def test_a_manifest_missing_a_column_names_it(tmp_path):
     config = SourceConfig(path=str(tmp_path / "rows.parquet"), id_column="key", control_columns=["edge"])
     with pytest.raises(ConfigError, match=r"rows.parquet: no column for id_column \(key\); columns are id, text"):
         open_source(config, "controlnet", num_controlnets=1, rows_per_block=2)
+
+
+HUGE_SEEDS = [4611686018427387907, 4611686018427387913, None, 4611686018427387919]
+
+
+def _sparse_rows(folder):
+    """Rows whose parameter cells are set on some rows only, with seeds over 2**53."""
+    folder.mkdir()
+    rows = []
+    for i, seed in enumerate(HUGE_SEEDS):
+        (folder / f"{i}.png").write_bytes(png_bytes(random_image(i, (16, 16))))
+        rows.append(
+            {
+                "edge": f"{i}.png",
+                "text": f"prompt {i}" if i != 1 else None,
+                "seed": seed,
+                "num_inference_steps": 3 if i == 0 else None,
+                "controlnet_conditioning_scale": 0.5 if i == 3 else None,
+            }
+        )
+    return rows
+
+
+def _own_params(path) -> list[dict]:
+    config = SourceConfig(path=str(path), control_columns=["edge"])
+    opened = open_source(config, "controlnet", num_controlnets=1, rows_per_block=2)
+    table = pd.DataFrame(opened.dataset.take_all()).sort_values(C.SOURCE_REF).reset_index(drop=True)
+    return [json.loads(params) for params in table[C.ROW_PARAMS]]
+
+
+EXPECTED_SPARSE = [
+    {"prompt": "prompt 0", "seed": HUGE_SEEDS[0], "num_inference_steps": 3},
+    {"seed": HUGE_SEEDS[1]},
+    {"prompt": "prompt 2"},
+    {"prompt": "prompt 3", "seed": HUGE_SEEDS[3], "controlnet_conditioning_scale": 0.5},
+]
+
+
+def test_sparse_jsonl_cells_are_unset_and_huge_seeds_stay_exact(tmp_path):
+    rows = _sparse_rows(tmp_path / "m")
+    (tmp_path / "m" / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    assert _own_params(tmp_path / "m" / "rows.jsonl") == EXPECTED_SPARSE
+
+
+def test_sparse_csv_cells_are_unset_and_huge_seeds_stay_exact(tmp_path):
+    rows = _sparse_rows(tmp_path / "m")
+    pd.DataFrame(rows).to_csv(tmp_path / "m" / "rows.csv", index=False)
+    with (tmp_path / "m" / "rows.csv").open("w", newline="") as f:  # as a spreadsheet writes it: gaps empty
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
+    own = _own_params(tmp_path / "m" / "rows.csv")
+    # CSV cells are text: parameters parse them ("3" -> 3) when the row is resolved.
+    assert own == [{k: str(v) for k, v in row.items()} for row in EXPECTED_SPARSE]
+
+
+def test_sparse_parquet_cells_are_unset_and_huge_seeds_stay_exact(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = _sparse_rows(tmp_path / "m")
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "m" / "rows.parquet")
+    assert _own_params(tmp_path / "m" / "rows.parquet") == EXPECTED_SPARSE
+
+
+def test_a_parameter_column_the_task_does_not_take_is_refused_up_front(tmp_path):
+    table = _files_and_table(tmp_path / "m").assign(strength=0.5)
+    table.to_parquet(tmp_path / "m" / "rows.parquet")
+    config = SourceConfig(path=str(tmp_path / "m" / "rows.parquet"), control_columns=["edge"])
+    with pytest.raises(ConfigError, match=r"column 'strength' is a parameter task 'controlnet' does not take"):
+        open_source(config, "controlnet", num_controlnets=1, rows_per_block=2)
+
+
+def test_unreadable_image_cells_say_why(tmp_path):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "loop.png").symlink_to(folder / "loop.png")
+    (folder / "dir.png").mkdir()
+    rows = [{"edge": "loop.png"}, {"edge": "dir.png"}, {"edge": "gone.png"}, {"edge": None}]
+    (folder / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    config = SourceConfig(path=str(folder / "rows.jsonl"), control_columns=["edge"])
+    opened = open_source(config, "controlnet", num_controlnets=1, rows_per_block=4)
+    table = pd.DataFrame(opened.dataset.take_all()).sort_values(C.SOURCE_REF).reset_index(drop=True)
+    reasons = [json.loads(errors)[C.control_column(0)] for errors in table[C.LOAD_ERRORS]]
+    assert "cannot read (Too many levels of symbolic links)" in reasons[0]
+    assert reasons[1].endswith("dir.png is a folder, not an image file")
+    assert reasons[2].endswith("gone.png: no such file")
+    assert reasons[3] == "no image in this row (empty cell)"
+    assert opened.image_labels == {C.control_column(0): "edge"}

@@ -16,6 +16,7 @@ from tests.helpers import register_controlnet, tiny_spec
 
 API_KEY = "test-key-123"
 REGISTERED = "tiny-cn"
+MAX_PIXEL_STEPS = 64 * 64 * 100  # the main ControlNet model's budget
 
 
 @dataclass
@@ -72,8 +73,16 @@ def serving_config(tiny_dir: Path, tracking_uri: str, port: int, name: str, **ov
                 "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.5},
                 "num_cpus": 0.1,
                 "multiplex": {"registered_models": [REGISTERED], "max_models_per_replica": 2},
+                "max_pixel_steps": MAX_PIXEL_STEPS,
+                "spare_engine": False,  # only the tight app's model replaces a stuck engine
             },
-            {"name": "tiny-pix2pix", "model": pix2pix, "defaults": {"num_inference_steps": 2}, "num_cpus": 0.1},
+            {
+                "name": "tiny-pix2pix",
+                "model": pix2pix,
+                "defaults": {"num_inference_steps": 2},
+                "num_cpus": 0.1,
+                "spare_engine": False,
+            },
         ],
     }
     for key, value in overrides.items():
@@ -101,10 +110,11 @@ def server(ray_session, tiny_dir, tmp_path_factory):
         port,
         "tight",
         api_key_env="PIXFLEET_TEST_API_KEY",
-        limits={"request_timeout_s": 3},
+        limits={"request_timeout_s": 4, "stop_grace_s": 1, "max_image_pixels": 1024 * 1024},
         models=[
             {
-                **main.models[0].model_dump(exclude={"multiplex"}),
+                **main.models[0].model_dump(exclude={"multiplex", "max_pixel_steps"}),
+                "spare_engine": True,
                 "batching": {"max_batch_size": 1, "batch_wait_timeout_s": 0},
                 "max_ongoing_requests": 1,
                 "max_queued_requests": 1,

@@ -6,14 +6,16 @@ from __future__ import annotations
 import base64
 import io
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
 from tests.helpers import direct_call, png_bytes, random_image, register_controlnet
-from tests.serving.conftest import API_KEY, REGISTERED
+from tests.serving.conftest import API_KEY, MAX_PIXEL_STEPS, REGISTERED
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -134,6 +136,15 @@ def bomb_png() -> bytes:
     return buffer.getvalue()
 
 
+def raw_json(**fields) -> bytes:
+    """A request body with numbers JSON cannot spell (1e999 parses as infinity)."""
+    import json
+
+    text = json.dumps(controlnet_request(0))
+    return (text[:-1] + "".join(f', "{name}": {value}' for name, value in fields.items()) + "}").encode()
+
+
+# case -> (body, expected status, the field the error names); every body is a user's mistake.
 BAD_REQUESTS = {
     "invalid base64": (controlnet_request(0, control_images=["not base64!"]), 400, "control_images[0]"),
     "not an image": (
@@ -149,7 +160,25 @@ BAD_REQUESTS = {
     ),
     "wrong type": (controlnet_request(0, num_inference_steps="many"), 422, "num_inference_steps"),
     "out of range": (controlnet_request(0, guidance_scale=-1), 422, "guidance_scale"),
+    "guidance 1e999": (raw_json(guidance_scale="1e999"), 422, "guidance_scale"),
+    "guidance Infinity": (raw_json(guidance_scale="Infinity"), 422, "guidance_scale"),
+    "guidance NaN": (raw_json(guidance_scale="NaN"), 422, "guidance_scale"),
+    "conditioning scale 1e999": (
+        raw_json(controlnet_conditioning_scale="1e999"),
+        422,
+        "controlnet_conditioning_scale.0",
+    ),
+    "guidance end 2": (controlnet_request(0, control_guidance_end=2), 422, "control_guidance_end.0"),
+    "guidance start after end": (
+        controlnet_request(0, control_guidance_start=0.9, control_guidance_end=0.1),
+        422,
+        "control_guidance_end",
+    ),
+    "guidance start at the default end": (controlnet_request(0, control_guidance_start=1.0), 422, None),
+    "seed over 2**63": (controlnet_request(0, seed=2**64), 422, "seed"),
+    "strength on txt2img": (controlnet_request(0, strength=0.5), 422, "strength"),
     "too many images": (controlnet_request(0, num_images_per_prompt=5), 422, "num_images_per_prompt"),
+    "over the pixel-step budget": (controlnet_request(0, num_inference_steps=200), 422, "num_inference_steps"),
     "unknown field": (controlnet_request(0, stepz=3), 422, "stepz"),
     "missing control image": ({"model": "tiny-controlnet", "prompt": "x"}, 422, "control_images[0]"),
     "unknown model": ({**controlnet_request(0), "model": "nope"}, 404, "model"),
@@ -157,16 +186,118 @@ BAD_REQUESTS = {
 }
 
 
+def assert_error_shape(response, status: int) -> dict:
+    """Every error: OpenAI's shape, a message without Python reprs."""
+    assert response.status_code == status, response.text
+    assert set(response.json()) == {"error"}, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert " object at 0x" not in error["message"] and "Traceback" not in error["message"]
+    return error
+
+
 @pytest.mark.parametrize("case", BAD_REQUESTS, ids=lambda c: c.replace(" ", "-"))
 def test_bad_input_gets_a_clear_4xx_and_the_server_goes_on(server, case):
     body, status, param = BAD_REQUESTS[case]
     with server.client("/main") as client:
-        response = client.post("/v1/generate", json=body)
+        if isinstance(body, bytes):
+            response = client.post("/v1/generate", content=body, headers={"content-type": "application/json"})
+        else:
+            response = client.post("/v1/generate", json=body)
         good = client.post("/v1/generate", json=controlnet_request(0, seed=1))
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert error["message"] and error["param"] == (param or error["param"])
+    error = assert_error_shape(response, status)
+    assert error["param"] == (param or error["param"])
     assert good.status_code == 200
+
+
+def test_the_budget_message_says_what_the_request_costs(server):
+    with server.client("/main") as client:
+        response = client.post("/v1/generate", json=controlnet_request(0, num_inference_steps=200))
+    message = response.json()["error"]["message"]
+    assert f"64x64 px x 200 steps x 1 images = 819,200 pixel-steps exceeds max_pixel_steps={MAX_PIXEL_STEPS:,}" in (
+        message
+    )
+
+
+def edit_form(**fields) -> dict:
+    return {"prompt": "make it blue", "model": "tiny-pix2pix", **{k: str(v) for k, v in fields.items()}}
+
+
+EDIT_IMAGE = {"image": ("photo.png", png_bytes(random_image(5)), "image/png")}
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [({"guidance_scale": "inf"}, "guidance_scale"), ({"strength": 0.5}, "strength"), ({"n": 0}, "n")],
+)
+def test_bad_edit_fields_get_422_in_the_error_shape(server, fields, param):
+    with server.client("/main") as client:
+        response = client.post("/v1/images/edits", data=edit_form(**fields), files=EDIT_IMAGE)
+    assert assert_error_shape(response, 422)["param"] == param
+
+
+def test_strength_on_an_instruction_edit_through_generate_is_refused(server):
+    request = {"model": "tiny-pix2pix", "prompt": "x", "image": b64(random_image(5)), "strength": 0.5}
+    with server.client("/main") as client:
+        response = client.post("/v1/generate", json=request)
+    error = assert_error_shape(response, 422)
+    assert error["param"] == "strength" and "task 'pix2pix' does not take this parameter" in error["message"]
+
+
+def raw_post(url: str, body: bytes, content_length: str) -> httpx.Response:
+    """A POST with a Content-Length header as given (httpx refuses to send a malformed one)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    head = (
+        f"POST {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {content_length}\r\nConnection: close\r\n\r\n"
+    )
+    with socket.create_connection((parts.hostname, parts.port), timeout=30) as connection:
+        connection.sendall(head.encode() + body)
+        data = b""
+        while chunk := connection.recv(65536):
+            data += chunk
+    status_line, _, rest = data.partition(b"\r\n")
+    payload = rest.partition(b"\r\n\r\n")[2]
+    return httpx.Response(int(status_line.split()[1]), content=payload)
+
+
+def test_protocol_errors_take_the_same_shape(server):
+    with server.client("/main") as client:
+        cases = {
+            "unknown route": (client.get("/v1/nope"), 404),
+            "wrong method": (client.delete("/v1/generate"), 405),
+            "not JSON": (
+                client.post("/v1/generate", content=b"{oops", headers={"content-type": "application/json"}),
+                400,
+            ),
+            "params not JSON": (
+                client.post("/v1/generate/upload", data={"params": "{oops"}, files={"image": ("a.png", b"x")}),
+                400,
+            ),
+            "broken multipart": (
+                client.post(
+                    "/v1/images/edits",
+                    content=b"--xyz\r\nContent-Disposition: form-data\r\n\r\nvalue",
+                    headers={"content-type": "multipart/form-data; boundary=xyz"},
+                ),
+                400,
+            ),
+            "10,000 fields": (
+                client.post("/v1/images/edits", data={f"f{i}": "x" for i in range(10_000)}, files=EDIT_IMAGE),
+                400,
+            ),
+        }
+    # Serve's HTTP proxy answers a Content-Length that is not a number itself, before any app:
+    # a 400 (in the gate's own shape for a server that lets it through, see test_gate).
+    assert raw_post(server.url + "/main/v1/generate", b"{}", content_length="12abc").status_code == 400
+    for name, (response, status) in cases.items():
+        try:
+            assert_error_shape(response, status)
+        except (AssertionError, ValueError) as failure:
+            raise AssertionError(f"{name}: {response.status_code} {response.text[:300]!r}: {failure}") from None
 
 
 def test_a_50_mb_body_is_refused_unread(server):
@@ -188,23 +319,29 @@ def test_a_50_mb_body_is_refused_unread(server):
     assert serve_rss() - before < 25 * 2**20
 
 
-def test_overload_answers_503_quickly(server):
-    """One slot and a queue of one: of 6 slow requests at once, some are turned away at once."""
+def test_overload_answers_503_at_once_under_bursts(server):
+    """One slot and a queue of one: of 3 bursts of 32 requests, 30 of each are turned away at
+    once, far sooner than one request's own pipeline call, not after queueing behind others."""
     headers = {"authorization": f"Bearer {API_KEY}"}
-    slow = controlnet_request(0, num_inference_steps=50, seed=1)
-    with server.client("/tight", headers=headers) as client, ThreadPoolExecutor(6) as pool:
+    slow = controlnet_request(0, num_inference_steps=20, seed=1)
+    results = []
+    with server.client("/tight", headers=headers) as client, ThreadPoolExecutor(32) as pool:
 
         def timed_post(_):
             start = time.perf_counter()
             response = client.post("/v1/generate", json=slow)
-            return response.status_code, time.perf_counter() - start
+            return response, time.perf_counter() - start
 
-        results = list(pool.map(timed_post, range(6)))
-    refused = [seconds for status, seconds in results if status == 503]
-    served = [seconds for status, seconds in results if status == 200]
-    assert refused and served and len(refused) + len(served) == 6, results
-    # Turned away at once, not after waiting in a queue behind the slow ones.
-    assert max(refused) < min(served), results
+        for _ in range(3):
+            results += list(pool.map(timed_post, range(32)))
+    statuses = Counter(response.status_code for response, _ in results)
+    refused = sorted(seconds for response, seconds in results if response.status_code == 503)
+    service = min(r.json()["generate_s"] for r, _ in results if r.status_code == 200)
+    print(f"statuses {dict(statuses)}; 503 after p50 {refused[len(refused) // 2]:.3f} s, max {refused[-1]:.3f} s")
+    print(f"a request's own pipeline call {service:.3f} s")
+    # Each burst: one runs, one waits (and may time out behind it), the rest are refused.
+    assert statuses[503] >= 90 and statuses[200] >= 3 and set(statuses) <= {200, 503, 504}, statuses
+    assert refused[-1] < 0.5 * service, (refused[-1], service)
 
 
 def test_timeout_answers_504_and_frees_the_replica(server):
@@ -213,7 +350,7 @@ def test_timeout_answers_504_and_frees_the_replica(server):
         late = client.post("/v1/generate", json=controlnet_request(0, num_inference_steps=1000))
         after = client.post("/v1/generate", json=controlnet_request(0, seed=1))
     assert late.status_code == 504 and "timed out" in late.json()["error"]["message"]
-    # 1000 steps take far longer than the 3 s timeout: a 200 now means the single-slot
+    # 1000 steps take far longer than the 4 s timeout: a 200 now means the single-slot
     # replica stopped denoising at the deadline instead of finishing the abandoned request.
     assert after.status_code == 200
 
@@ -227,17 +364,44 @@ def test_a_request_never_asks_for_more_images_than_a_batch_holds(server):
     assert not_json.status_code == 400 and not_json.json()["error"]["param"] == "body"
 
 
+def flat_png(size: int) -> str:
+    """A black size x size control image: megapixels in a few kilobytes."""
+    return base64.b64encode(png_bytes(Image.new("RGB", (size, size)))).decode()
+
+
+def test_a_call_stuck_inside_one_step_is_killed_and_the_replica_serves_again(server):
+    """One denoising step at 1024 px outlasts the 4 s timeout: past it plus the 1 s grace the
+    engine process is killed and replaced, and the next request is served within seconds."""
+    headers = {"authorization": f"Bearer {API_KEY}"}
+    stuck = controlnet_request(0, control_images=[flat_png(1024)], num_inference_steps=1, seed=1)
+    with server.client("/tight", headers=headers) as client:
+        late = client.post("/v1/generate", json=stuck)
+        timed_out_at = time.monotonic()
+        health_while_stuck = client.get("/healthz")
+        after = client.post("/v1/generate", json=controlnet_request(0, seed=1))
+        served_in = time.monotonic() - timed_out_at
+        health_after = client.get("/healthz")
+    assert_error_shape(late, 504)
+    assert health_while_stuck.status_code == 503, health_while_stuck.text
+    assert after.status_code == 200 and served_in < 10, (after.text, served_in)
+    assert health_after.status_code == 200
+    assert health_after.json()["models"]["tiny-controlnet"]["engine_restarts"] >= 1
+
+
 def test_api_key_is_required_when_configured(server):
+    def post(authorization: str | None):
+        headers = {"authorization": authorization} if authorization else {}
+        return client.post("/v1/generate", json=controlnet_request(0, seed=1), headers=headers)
+
     with server.client("/tight") as client:
-        missing = client.post("/v1/generate", json=controlnet_request(0))
-        wrong = client.post("/v1/generate", json=controlnet_request(0), headers={"authorization": "Bearer nope"})
+        refused = {header: post(header) for header in (None, "Bearer nope", API_KEY, f"Basic {API_KEY}", "Bearer")}
         health = client.get("/healthz")
-        good = client.post(
-            "/v1/generate", json=controlnet_request(0, seed=1), headers={"authorization": f"Bearer {API_KEY}"}
-        )
-    assert missing.status_code == 401 and wrong.status_code == 401
-    assert missing.headers["www-authenticate"] == "Bearer"
-    assert health.status_code == 200 and good.status_code == 200
+        accepted = [post(f"Bearer {API_KEY}"), post(f"bearer {API_KEY}"), post(f"BEARER  {API_KEY}")]
+    for header, response in refused.items():
+        assert assert_error_shape(response, 401)["type"] == "authentication_error", header
+        assert response.headers["www-authenticate"] == "Bearer"
+    assert health.status_code in (200, 503)  # open without the key (503 while the replica is busy)
+    assert [r.status_code for r in accepted] == [200, 200, 200]
 
 
 def test_registered_controlnets_are_multiplexed_and_a_new_version_needs_no_redeploy(server, tiny_dir):

@@ -1,4 +1,4 @@
-"""The base of every config model: unknown keys are errors, fields are documented."""
+"""The base of every config model: unknown keys are errors, numbers are finite, fields are documented."""
 
 from __future__ import annotations
 
@@ -6,6 +6,6 @@ from pydantic import BaseModel, ConfigDict
 
 
 class StrictModel(BaseModel):
-    """A pydantic model that refuses unknown keys and validates on assignment."""
+    """A pydantic model that refuses unknown keys, infinities and NaN, and validates on assignment."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)

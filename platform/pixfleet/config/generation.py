@@ -2,16 +2,34 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, ValidationInfo, field_validator, model_validator
 
 from pixfleet.config.base import StrictModel
 from pixfleet.config.model import ModelSpec
 from pixfleet.config.paths import ExistingPath
 from pixfleet.config.tracking import TrackingConfig
+from pixfleet.models.tasks import unused_parameters
 
-FloatOrList = float | list[float]
+PER_CONTROLNET = ("controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end")
+SEED_LIMIT = 2**63  # seeds are int64 in the manifest; torch generators take them all
+_PIPELINE_DEFAULT = "unset uses the pipeline's own default"
+Fraction = Annotated[float, Field(ge=0, le=1)]
+
+
+def _as_list(value: Any) -> Any:
+    return value if value is None or isinstance(value, list) else [value]
+
+
+def _per_controlnet(item: Any, what: str) -> Any:
+    """A value for every ControlNet, or a list of one per ControlNet (stored as a list)."""
+    return Annotated[
+        list[item] | None,
+        BeforeValidator(_as_list, json_schema_input_type=item | list[item] | None),
+        Field(None, description=f"{what}, one value for all ControlNets or one per ControlNet; {_PIPELINE_DEFAULT}."),
+    ]
 
 
 class SourceConfig(StrictModel):
@@ -49,7 +67,13 @@ class PreprocessConfig(StrictModel):
     height: int = Field(512, ge=8, description="Output height in pixels (a multiple of 8).")
     resize_mode: Literal["center_crop", "resize", "none"] = Field(
         "center_crop",
-        description="Fill then crop to width x height, stretch to it, or keep each row's size.",
+        description=(
+            "Scale to cover width x height and cut the center (diffusers' 'crop'), stretch to it "
+            "(diffusers' 'default'), or keep each row's size (the pipeline rounds it down to its VAE's multiple)."
+        ),
+    )
+    resample: Literal["lanczos", "bicubic", "bilinear", "nearest"] = Field(
+        "lanczos", description="Resampling filter of resizes; Lanczos is diffusers' VaeImageProcessor default."
     )
     control: list[ControlPreprocessConfig] = Field(
         default_factory=lambda: [ControlPreprocessConfig()],
@@ -67,15 +91,12 @@ class PreprocessConfig(StrictModel):
         return value
 
 
-_PIPELINE_DEFAULT = "unset uses the pipeline's own default"
-
-
 class GenerationParams(StrictModel):
     """Per-row generation parameters; a source column of the same name overrides each one.
 
     Unset numeric parameters take the default of the task's diffusers pipeline (e.g. 50 steps
     for ControlNet, 100 for InstructPix2Pix), so a row without parameters equals a plain
-    `pipe(prompt, image)` call.
+    `pipe(prompt, image)` call. Numbers must be finite and in the ranges diffusers accepts.
     """
 
     prompt: str = Field("", description="Prompt used when the row has none.")
@@ -92,18 +113,46 @@ class GenerationParams(StrictModel):
     strength: Annotated[float, Field(gt=0, le=1)] | None = Field(
         None, description=f"Share of the source image re-noised (img2img, inpaint); {_PIPELINE_DEFAULT}."
     )
-    controlnet_conditioning_scale: FloatOrList | None = Field(
-        None, description=f"ControlNet residual scale, or one per ControlNet; {_PIPELINE_DEFAULT}."
-    )
+    controlnet_conditioning_scale: _per_controlnet(float, "ControlNet residual scale")
     guess_mode: bool = Field(False, description="ControlNet guesses content without a prompt.")
-    control_guidance_start: FloatOrList | None = Field(
-        None, description=f"Fraction of steps at which ControlNet starts; {_PIPELINE_DEFAULT}."
-    )
-    control_guidance_end: FloatOrList | None = Field(
-        None, description=f"Fraction of steps at which ControlNet stops; {_PIPELINE_DEFAULT}."
-    )
+    control_guidance_start: _per_controlnet(Fraction, "Fraction of steps at which ControlNet starts (0-1)")
+    control_guidance_end: _per_controlnet(Fraction, "Fraction of steps at which ControlNet stops (0-1)")
     num_images_per_prompt: int = Field(1, ge=1, le=16, description="Images generated per row.")
-    seed: int | None = Field(None, description="Same seed for every row; unset derives one per row from the job seed.")
+    seed: int | None = Field(
+        None,
+        ge=0,
+        lt=SEED_LIMIT,
+        description="Seed of the row's first image (image k uses seed + k); unset derives one per row.",
+    )
+
+    @field_validator("control_guidance_end")
+    @classmethod
+    def _end_after_start(cls, end: list[float] | None, info: ValidationInfo) -> list[float] | None:
+        start = info.data.get("control_guidance_start")
+        if end is not None and start is not None:
+            check_guidance_window(start, end)
+        return end
+
+    @field_validator("seed")
+    @classmethod
+    def _seeds_fit(cls, seed: int | None, info: ValidationInfo) -> int | None:
+        images = info.data.get("num_images_per_prompt", 1)
+        if seed is not None and seed + images - 1 >= SEED_LIMIT:
+            raise ValueError(f"seed + num_images_per_prompt - 1 must be below 2**63, got seed {seed}")
+        return seed
+
+
+def broadcast(values: list[float], n: int) -> list[float]:
+    """A per-ControlNet list: one value stands for all `n`."""
+    return values * n if len(values) == 1 else values
+
+
+def check_guidance_window(start: list[float], end: list[float]) -> None:
+    """ValueError unless each ControlNet starts before it ends."""
+    n = max(len(start), len(end))
+    for begin, stop in zip(broadcast(start, n), broadcast(end, n), strict=False):
+        if begin >= stop:
+            raise ValueError(f"control_guidance_start {begin} must be below control_guidance_end {stop}")
 
 
 class SinkConfig(StrictModel):
@@ -159,22 +208,38 @@ class GenerationJobConfig(StrictModel):
     sink: SinkConfig = Field(default_factory=SinkConfig, description="Output.")
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Ray resources.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow.")
-    seed: int = Field(0, description="Job seed; each row's seed derives from it and the row id.")
+    seed: int = Field(
+        0, ge=0, lt=SEED_LIMIT, description="Job seed; each row's seed derives from it and the row's inputs."
+    )
     max_failed_fraction: float = Field(
         0.1, ge=0, le=1, description="Stop with an error when more rows than this fail."
     )
 
     @model_validator(mode="after")
-    def _per_controlnet_lists_match(self) -> GenerationJobConfig:
+    def _params_fit_the_model(self) -> GenerationJobConfig:
+        check_params_for_model(self.params, self.model, "params")
         n = self.model.num_controlnets
-        for name in (
-            "controlnet_conditioning_scale",
-            "control_guidance_start",
-            "control_guidance_end",
-        ):
-            value = getattr(self.params, name)
-            if isinstance(value, list) and len(value) != n:
-                raise ValueError(f"params.{name} has {len(value)} values for {n} controlnet(s)")
         if n and len(self.preprocess.control) not in (1, n):
             raise ValueError(f"preprocess.control has {len(self.preprocess.control)} entries for {n} controlnets")
         return self
+
+
+def given_parameters(values: Mapping[str, Any]) -> list[str]:
+    """The names in `values` set to something other than the field's default (None, False):
+    a config written out in full, with every unset field as null, gives nothing."""
+    fields = GenerationParams.model_fields
+    return [name for name, value in values.items() if name in fields and value != fields[name].default]
+
+
+def check_params_for_model(params: GenerationParams, model: ModelSpec, section: str) -> None:
+    """ValueError naming `section.field` for a parameter the task does not take, or a
+    per-ControlNet list whose length is neither 1 nor the number of ControlNets."""
+    set_values = {name: getattr(params, name) for name in sorted(params.model_fields_set)}
+    unused = unused_parameters(model.task, given_parameters(set_values))
+    if unused:
+        raise ValueError(f"{section}.{unused[0]}: task {model.task!r} does not take this parameter")
+    n = model.num_controlnets
+    for name in PER_CONTROLNET:
+        value = getattr(params, name)
+        if value is not None and len(value) not in (1, n):
+            raise ValueError(f"{section}.{name} has {len(value)} values for {n} controlnet(s)")

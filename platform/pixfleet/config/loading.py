@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from pixfleet.errors import UserError
+
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config that cannot work; the message names the file and the field."""
 
 
@@ -31,16 +33,39 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def describe_errors(errors: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """pydantic's error list as (dotted field, message) pairs.
+
+    A value that fails every branch of a union (a number, or a list of them) is reported once,
+    by the branch that got furthest; branch names (`list[float]`) are not fields and are left out.
+    """
+    described: dict[tuple, tuple[int, str, str]] = {}
+    for item in errors:
+        loc = item["loc"]
+        branch = next((i for i, part in enumerate(loc) if _is_union_branch(part)), len(loc))
+        field = ".".join(str(part) for part in loc if not _is_union_branch(part))
+        message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"].removeprefix("Value error, ")
+        depth = len(loc) - (1 if item["type"].endswith("_type") else 0)  # a type mismatch got least far
+        key = loc[:branch]
+        if key not in described or depth > described[key][0]:
+            described[key] = (depth, field, message)
+    return [(field, message) for _, field, message in described.values()]
+
+
+def _is_union_branch(part: Any) -> bool:
+    return isinstance(part, str) and ("[" in part or part in _TYPE_TAGS or part.startswith(_TAG_PREFIXES))
+
+
+_TYPE_TAGS = {"int", "float", "str", "bool", "list", "dict", "none", "bytes"}
+_TAG_PREFIXES = ("constrained-", "function-")
+
+
 def format_validation_error(source: str, error: ValidationError) -> str:
-    """One line per problem: `file: field 'a.b': message`."""
-    lines = []
-    for item in error.errors():
-        field = ".".join(str(part) for part in item["loc"]) or "<root>"
-        message = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "extra_forbidden":
-            message = "unknown key"
-        lines.append(f"{source}: field '{field}': {message}")
-    return "\n".join(lines)
+    """One line per problem: `file: field 'a.b': message` (or `file: message` for the whole)."""
+    return "\n".join(
+        f"{source}: field '{field}': {message}" if field else f"{source}: {message}"
+        for field, message in describe_errors(error.errors())
+    )
 
 
 def validate_config(cls: type[ConfigT], data: dict, source: str) -> ConfigT:

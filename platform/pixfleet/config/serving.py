@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from pixfleet.config.base import StrictModel
-from pixfleet.config.generation import ControlPreprocessConfig, GenerationParams
+from pixfleet.config.generation import ControlPreprocessConfig, GenerationParams, check_params_for_model
 from pixfleet.config.model import ModelSpec
 
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -70,10 +70,26 @@ class ServedModelConfig(StrictModel):
     max_queued_requests: int = Field(
         16, ge=1, description="Requests waiting for a replica; past this, new ones get 503 at once."
     )
+    max_pixel_steps: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Most width x height x steps x images one request may cost (what the model finishes within "
+            "limits.request_timeout_s); past it, 422 before any work. Unset: no budget."
+        ),
+    )
     multiplex: MultiplexConfig | None = Field(None, description="Serve registered ControlNets per request.")
+    spare_engine: bool = Field(
+        True,
+        description=(
+            "Keep a second engine process with torch and diffusers imported, so the one replacing a call "
+            "stuck past its deadline loads the model at once (host memory only, no GPU memory)."
+        ),
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ServedModelConfig:
+        check_params_for_model(self.defaults, self.model, "defaults")
         if self.multiplex and self.model.num_controlnets != 1:
             raise ValueError("multiplex needs a model with exactly one ControlNet")
         n = self.model.num_controlnets
@@ -109,6 +125,14 @@ class LimitsConfig(StrictModel):
     max_image_pixels: int = Field(2048 * 2048, ge=64, description="Largest decoded image, width x height (413).")
     max_images_per_request: int = Field(4, ge=1, description="Most images one request may ask for (422).")
     request_timeout_s: float = Field(120.0, gt=0, description="A request still running after this gets 504.")
+    stop_grace_s: float = Field(
+        2.0,
+        ge=0,
+        description=(
+            "Past its deadline a call stops at the next denoising step; one still running this much later "
+            "(a single step can take minutes) is killed with its engine process, which restarts."
+        ),
+    )
 
 
 class ServingConfig(StrictModel):

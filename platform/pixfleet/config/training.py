@@ -22,7 +22,9 @@ class ControlNetTrainingArgs(StrictModel):
     variant: str | None = Field(None, description="Weights variant of the base model, e.g. 'fp16'.")
     output_dir: str = Field("controlnet-model", description="Where the trained ControlNet is saved.")
     seed: int | None = Field(None, description="Seed for reproducible training.")
-    resolution: int = Field(512, ge=8, description="Images are resized and center-cropped to this size.")
+    resolution: int = Field(
+        512, ge=8, multiple_of=8, description="Images are resized and center-cropped to this size (a multiple of 8)."
+    )
     train_batch_size: int = Field(4, ge=1, description="Batch size per worker.")
     num_train_epochs: int = Field(1, ge=1, description="Epochs; max_train_steps wins when set.")
     max_train_steps: int | None = Field(None, ge=1, description="Total optimizer steps; overrides epochs.")

@@ -4,18 +4,24 @@ Generation and training read the same layouts through here: a `.jsonl`/`.csv`/`.
 file, a folder with `metadata.jsonl` (the imagefolder layout `datasets.load_dataset` reads),
 or a folder written by `datasets.save_to_disk`. Image cells end up as bytes or absolute paths;
 the bytes of a path are read later, where the work runs (`read_image_bytes`).
+
+Cells keep their exact values: integers stay Python integers (a seed over 2**53 survives a
+column with gaps), and a missing cell is None, never NaN.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow.parquet as pq
 
 from pixfleet.config import ConfigError
+from pixfleet.engine.images import one_line
 
 MANIFEST_SUFFIXES = (".jsonl", ".csv", ".parquet")
 
@@ -69,20 +75,37 @@ def read_image_table(
 
 
 def _manifest_file(path: Path, limit: int | None, field: str) -> ImageTable:
-    try:
-        if path.suffix == ".jsonl":
-            table = pd.read_json(path, lines=True, dtype=False)
-        elif path.suffix == ".csv":
-            table = pd.read_csv(path, dtype=str, keep_default_na=False)
-        else:
-            table = pd.read_parquet(path)
-    except Exception as error:
-        raise ConfigError(f"{field} {path}: cannot read table ({error})") from None
+    if path.suffix == ".jsonl":
+        table = _jsonl(path, field)
+    else:
+        try:
+            if path.suffix == ".csv":  # every cell as written: numbers are parsed with the parameters
+                table = pd.read_csv(path, dtype=object, keep_default_na=False)
+            else:
+                table = pq.read_table(path).to_pandas(integer_object_nulls=True)
+        except Exception as error:
+            raise ConfigError(f"{field} {path}: cannot read table ({one_line(error)})") from None
     # imagefolder layout: `file_name` is the `image` column, `x_file_name` is `x`.
     renames = {c: "image" if c == "file_name" else c.removesuffix("_file_name") for c in table.columns}
     table = table.rename(columns={c: new for c, new in renames.items() if c.endswith("file_name")})
     table = table.head(limit) if limit else table
     return ImageTable(table.reset_index(drop=True), [f"{path.name}:{i + 1}" for i in range(len(table))], path)
+
+
+def _jsonl(path: Path, field: str) -> pd.DataFrame:
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as error:
+                raise ConfigError(f"{field} {path}:{number}: not valid JSON ({error})") from None
+            if not isinstance(record, dict):
+                raise ConfigError(f"{field} {path}:{number}: expected a JSON object per line")
+            records.append(record)
+    return pd.DataFrame(records, dtype=object)
 
 
 def _datasets_folder(path: Path, image_columns: set[str], limit: int | None, field: str) -> ImageTable:
@@ -98,7 +121,8 @@ def _datasets_folder(path: Path, image_columns: set[str], limit: int | None, fie
         ds = ds.select(range(min(limit, len(ds))))
     for column in image_columns & set(ds.column_names):  # raw {bytes, path}, not decoded PIL images
         ds = ds.cast_column(column, datasets.Image(decode=False))
-    return ImageTable(ds.to_pandas(), [f"{path.name}[{i}]" for i in range(len(ds))], path)
+    table = ds.with_format("arrow")[:].to_pandas(integer_object_nulls=True)
+    return ImageTable(table, [f"{path.name}[{i}]" for i in range(len(ds))], path)
 
 
 def _image_ref(value: Any, base: Path) -> Any:
@@ -110,13 +134,21 @@ def _image_ref(value: Any, base: Path) -> Any:
     return value
 
 
-def read_image_bytes(value: Any) -> bytes | None:
-    """Bytes as they are; a path read from disk; a missing file or other value is None."""
+class UnreadableImage(ValueError):
+    """An image cell that gives no bytes; the message says why (no file, a folder, no permission)."""
+
+
+def read_image_bytes(value: Any) -> bytes:
+    """Bytes as they are, or the file a path names; UnreadableImage saying why not."""
     if isinstance(value, bytes):
         return value
     if not isinstance(value, str) or not value:
-        return None
+        raise UnreadableImage("no image in this row (empty cell)")
     try:
         return Path(value).read_bytes()
-    except OSError:
-        return None
+    except IsADirectoryError:
+        raise UnreadableImage(f"{value} is a folder, not an image file") from None
+    except FileNotFoundError:
+        raise UnreadableImage(f"{value}: no such file") from None
+    except OSError as error:
+        raise UnreadableImage(f"{value}: cannot read ({error.strerror or type(error).__name__})") from None

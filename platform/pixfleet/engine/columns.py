@@ -1,11 +1,16 @@
-"""Column names: the interface between generation stages, and the check every stage runs."""
+"""Column names: the interface between generation stages, and the check every stage runs.
+
+Serving builds the same rows for its model replicas, so these are the engine's row keys too.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-ROW_ID = "row_id"  # stable id: from the source, or a content hash (see params.row_id_for)
+ROW_ID = "row_id"  # stable id: from the source, or a hash (see params.row_id_for)
 SOURCE_REF = "source_ref"  # where the row came from, for error messages ("file.jsonl:12")
+ROW_PARAMS = "row_params"  # JSON of the row's own prompt and parameters, as the source gave them
+LOAD_ERRORS = "load_errors"  # JSON: image column -> why the source gave no bytes for it
 PROMPT = "prompt"
 SOURCE_IMAGE = "source_image"  # image edited by img2img, inpaint, pix2pix
 MASK_IMAGE = "mask_image"  # inpaint mask, white = repaint
@@ -15,15 +20,24 @@ ERROR = "error"  # one-line reason when failed
 IMAGE = "image"  # generated image, HWC uint8
 IMAGE_INDEX = "image_index"  # k-th image of the row (num_images_per_prompt)
 SEED = "seed"
-GENERATE_SECONDS = "generate_s"
+SAMPLER = "sampler"  # the scheduler, by the name A1111 writes
+PROMPT_TOKENS = "prompt_tokens"  # tokens of the prompt, start and end tokens included
+PROMPT_TRUNCATED = "prompt_truncated"  # the text encoder saw only the first tokens
+GENERATE_SECONDS = "generate_s"  # this image's share of its pipeline call
 OUTPUT_PATH = "output_path"
 
 OK, FAILED, SKIPPED = "ok", "failed", "skipped"
+CONTROL_PREFIX = "control_image_"
 
 
 def control_column(index: int) -> str:
     """Control map feeding ControlNet number `index`."""
-    return f"control_image_{index}"
+    return f"{CONTROL_PREFIX}{index}"
+
+
+def control_index(column: str) -> int | None:
+    """The ControlNet a column feeds, or None for other columns."""
+    return int(column.removeprefix(CONTROL_PREFIX)) if column.startswith(CONTROL_PREFIX) else None
 
 
 class MissingColumnError(KeyError):

@@ -1,4 +1,10 @@
-"""Per-row parameters, seeds and row ids: derived so that results do not depend on batching."""
+"""Per-row parameters, seeds and row ids: derived so that results do not depend on batching.
+
+A row's seed derives from the job seed and what the row brings (its images' bytes and its own
+parameters, or the id the source gives it), never from the model or where files lie: the same
+input keeps its seed when the model changes or moves. Its id adds the job's fingerprint (model
+content, preprocessing, defaults), so a rerun recognises exactly the rows it already made.
+"""
 
 from __future__ import annotations
 
@@ -6,62 +12,58 @@ import functools
 import hashlib
 import inspect
 import json
-import math
 import re
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 from pydantic import ValidationError
 
-from pixfleet.config import GenerationJobConfig, GenerationParams, ModelSpec
-from pixfleet.generation.images import RowError
-from pixfleet.models.tasks import task_info
+from pixfleet.config import GenerationParams
+from pixfleet.config.generation import PER_CONTROLNET, broadcast, check_guidance_window, given_parameters
+from pixfleet.config.loading import describe_errors
+from pixfleet.engine.images import RowError
+from pixfleet.models.tasks import task_info, unused_parameters
 
-# Parameters only some tasks' pipelines take.
-TASK_SPECIFIC = (
-    "image_guidance_scale",
-    "strength",
-    "controlnet_conditioning_scale",
-    "control_guidance_start",
-    "control_guidance_end",
-    "guess_mode",
-)
-PER_CONTROLNET = ("controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 def resolve_params(
-    defaults: GenerationParams, row: Mapping[str, Any], task: str, num_controlnets: int
+    defaults: GenerationParams, overrides: Mapping[str, Any], task: str, num_controlnets: int
 ) -> dict[str, Any]:
     """Config defaults overridden by the row's own values, validated, with every unset value
-    taken from the task's pipeline.
+    taken from the task's pipeline; RowError naming the parameter when one cannot work.
 
     Per-ControlNet values become lists of `num_controlnets` floats, so every row has the same
-    shape of parameters; parameters the task does not use are None.
+    shape of parameters; parameters the task does not take are None, and a row that sets one
+    is refused rather than silently ignored.
     """
+    unused = unused_parameters(task, given_parameters(overrides))
+    if unused:
+        raise RowError(f"parameter {unused[0]}: task {task!r} does not take this parameter")
     try:
-        params = GenerationParams.model_validate({**defaults.model_dump(), **row_overrides(row)})
+        params = GenerationParams.model_validate({**defaults.model_dump(), **overrides})
     except ValidationError as error:
-        problem = error.errors()[0]
-        field = ".".join(str(p) for p in problem["loc"])
-        raise RowError(f"parameter {field}: {problem['msg']}") from None
+        field, message = describe_errors(error.errors())[0]
+        raise RowError(f"parameter {field}: {message}") from None
     resolved = params.model_dump()
     pipeline_defaults = pipeline_call_defaults(task)
+    taken = task_info(task).parameters
     for name, value in resolved.items():
-        if name in pipeline_defaults:
-            resolved[name] = pipeline_defaults[name] if value is None else value
-        elif name in TASK_SPECIFIC:
-            resolved[name] = None  # the task's pipeline has no such argument
+        if name not in taken:
+            resolved[name] = None
+        elif value is None and name in pipeline_defaults:
+            resolved[name] = pipeline_defaults[name]
     for name in PER_CONTROLNET:
         value = resolved[name]
-        if value is None:
-            resolved[name] = []
-            continue
-        values = value if isinstance(value, list) else [float(value)] * num_controlnets
-        if len(values) != num_controlnets:
+        values = [] if value is None else broadcast(value if isinstance(value, list) else [value], num_controlnets)
+        if len(values) != num_controlnets and name in taken:
             raise RowError(f"parameter {name}: {len(values)} values for {num_controlnets} controlnet(s)")
         resolved[name] = [float(v) for v in values]
+    if resolved["control_guidance_start"]:
+        try:  # again with the pipeline's defaults filled in: a row's start may pass the default end
+            check_guidance_window(resolved["control_guidance_start"], resolved["control_guidance_end"])
+        except ValueError as error:
+            raise RowError(f"parameter control_guidance_start: {error}") from None
     return resolved
 
 
@@ -76,53 +78,19 @@ def pipeline_call_defaults(task: str) -> dict[str, Any]:
     }
 
 
-def model_identity(spec: ModelSpec) -> dict[str, Any]:
-    """What makes two models produce different images (for hashing and manifests)."""
-    fields = {"task", "base_model", "controlnets", "scheduler", "dtype", "variant", "revision"}
-    return {**spec.model_dump(include=fields), "loras": [lora.model_dump() for lora in spec.loras]}
-
-
-def job_fingerprint(job: GenerationJobConfig) -> str:
-    """Everything besides a row's own inputs that decides its images."""
-    return json.dumps(
-        {
-            "model": model_identity(job.model),
-            "preprocess": job.preprocess.model_dump(),
-            "params": job.params.model_dump(),
-            "seed": job.seed,
-        },
-        sort_keys=True,
-    )
-
-
-def row_overrides(row: Mapping[str, Any]) -> dict[str, Any]:
-    """The row's own parameter values (prompt included), before defaults and validation.
-
-    Missing values (None, NaN from a sparse table column) fall back to the defaults; numpy
-    scalars and arrays from Arrow become plain Python values.
-    """
-    overrides = {}
-    for name in GenerationParams.model_fields:
-        value = row.get(name)
-        if isinstance(value, np.ndarray):
-            value = value.tolist()
-        elif isinstance(value, np.generic):
-            value = value.item()
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            continue
-        overrides[name] = value
-    return overrides
-
-
-def content_row_id(images: list[bytes | None], overrides: Mapping[str, Any], job: str) -> str:
-    """A hash of everything that decides the output: input bytes, the row's own parameters,
-    and the job's fingerprint (model, preprocessing, parameter defaults, job seed)."""
+def input_key(images: list[bytes | None], overrides: Mapping[str, Any]) -> str:
+    """A hash of what a row brings: its images' bytes and its own parameters (prompt included)."""
     digest = hashlib.sha256()
     for data in images:
         digest.update(hashlib.sha256(data or b"").digest())
     digest.update(json.dumps(overrides, sort_keys=True, default=str).encode())
-    digest.update(job.encode())
-    return digest.hexdigest()[:24]
+    return digest.hexdigest()
+
+
+def row_id_for(key: str, job_fingerprint: str) -> str:
+    """A row id from the row's key (`input_key`, or its source reference) and everything else
+    that decides its images: 24 hex digits."""
+    return hashlib.sha256(f"{key}|{job_fingerprint}".encode()).hexdigest()[:24]
 
 
 def check_row_id(value: Any) -> str:
@@ -133,7 +101,7 @@ def check_row_id(value: Any) -> str:
     return text
 
 
-def derive_seed(job_seed: int, row_id: str) -> int:
-    """A 63-bit seed from the job seed and the row id: independent of batch, order, actor."""
-    digest = hashlib.sha256(f"{job_seed}:{row_id}".encode()).digest()
+def derive_seed(job_seed: int, key: str) -> int:
+    """A 63-bit seed from the job seed and a row's key: independent of batch, order, actor, model."""
+    digest = hashlib.sha256(f"{job_seed}:{key}".encode()).digest()
     return int.from_bytes(digest[:8], "big") >> 1

@@ -4,13 +4,19 @@ bulk generation stage and the serving replicas so both give the same image for a
 A row is a dict with prompt, params (JSON from `resolve_params`), seed and the task's
 prepared image columns (HWC uint8). Rows share a pipeline call only when their size and
 every scalar parameter match; each image gets its own generator seeded `seed + k`, so a
-row's image does not depend on its batch.
+row's image does not depend on its batch. Generators live on the CPU, as diffusers advises
+for results that do not depend on the device.
+
+Images whose size is not a multiple of the VAE's scale factor are resized down to one with
+Lanczos, exactly as the pipeline's own image processor would, so the call is the one a user
+would write with the same images.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
+import math
 import time
 from collections import defaultdict
 from typing import Any
@@ -19,8 +25,8 @@ import numpy as np
 import torch
 
 from pixfleet.config import ModelSpec
-from pixfleet.generation import columns as C
-from pixfleet.generation.images import to_pil
+from pixfleet.engine import columns as C
+from pixfleet.engine.preprocess import fit_pil, to_pil
 from pixfleet.models.tasks import task_info
 
 # Scheduler class -> the sampler name A1111 writes in its `parameters` text.
@@ -57,10 +63,15 @@ def group_rows(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     return list(groups.values())
 
 
-def image_size(row: dict[str, Any]) -> list[int]:
-    """[width, height] of the row's prepared images."""
+def image_size(row: dict[str, Any]) -> tuple[int, int]:
+    """(width, height) of the row's prepared images."""
     image = row.get(C.SOURCE_IMAGE, row.get(C.control_column(0)))
-    return [int(image.shape[1]), int(image.shape[0])]
+    return int(image.shape[1]), int(image.shape[0])
+
+
+def _sized(image: np.ndarray, size: tuple[int, int]):
+    """A PIL image at `size`, resized as the pipeline's image processor resizes (Lanczos)."""
+    return fit_pil(to_pil(image), *size, mode="resize", resample="lanczos")
 
 
 class PipelineRunner:
@@ -77,12 +88,29 @@ class PipelineRunner:
         self.accepts_size = "height" in call_parameters
         self.step_callback_style = "on_step_end" if "callback_on_step_end" in call_parameters else "legacy"
         self.sampler = A1111_SAMPLERS.get(type(pipe.scheduler).__name__, "")
+        # The inpaint ControlNet pipeline checks for multiples of 8 whatever its VAE's factor.
+        self.size_multiple = math.lcm(int(pipe.vae_scale_factor), 8 if task == "controlnet_inpaint" else 1)
 
     @classmethod
     def load(cls, spec: ModelSpec) -> PipelineRunner:
         from pixfleet.models.loading import load_pipeline, resolve_device
 
         return cls(load_pipeline(spec), spec.task, spec.num_controlnets, resolve_device(spec.device))
+
+    def working_size(self, row: dict[str, Any]) -> tuple[int, int]:
+        """(width, height) the pipeline generates for `row`: its images' size rounded down to the
+        VAE's multiple, as diffusers' `get_default_height_width` rounds it (to 8 for inpainting)."""
+        width, height = image_size(row)
+        return width - width % self.size_multiple, height - height % self.size_multiple
+
+    def prompt_tokens(self, prompts: list[str]) -> list[int]:
+        """Tokens of each prompt (start and end included); past `max_prompt_tokens` the text
+        encoder sees only the first ones (diffusers truncates, with a warning in its log)."""
+        return [len(ids) for ids in self.pipe.tokenizer(prompts).input_ids]
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        return int(self.pipe.tokenizer.model_max_length)
 
     def with_controlnet(self, controlnet: Any) -> PipelineRunner:
         """A runner whose pipeline swaps in `controlnet` and shares every other component."""
@@ -109,13 +137,14 @@ class PipelineRunner:
             "num_inference_steps": params["num_inference_steps"],
             "guidance_scale": params["guidance_scale"],
             "num_images_per_prompt": n,
-            "generator": [torch.Generator(self.device).manual_seed(r[C.SEED] + k) for r in rows for k in range(n)],
+            "generator": [torch.Generator().manual_seed(r[C.SEED] + k) for r in rows for k in range(n)],
             "output_type": "np",
         }
         if params["negative_prompt"] is not None:
             kwargs["negative_prompt"] = [json.loads(r[C.PARAMS])["negative_prompt"] for r in rows]
+        size = self.working_size(rows[0])
         if self.accepts_size:
-            kwargs["width"], kwargs["height"] = image_size(rows[0])
+            kwargs["width"], kwargs["height"] = size
         if self.info.uses_controlnet:
             for name in (
                 "controlnet_conditioning_scale",
@@ -124,27 +153,30 @@ class PipelineRunner:
             ):
                 kwargs[name] = params[name] if self.num_controlnets > 1 else params[name][0]
             kwargs["guess_mode"] = params["guess_mode"]
-            controls = self._control_images(rows)
+            controls = self._control_images(rows, size)
             if self.info.needs_source_image:
                 kwargs["control_image"] = controls
             else:
                 kwargs["image"] = controls
         if self.info.needs_source_image:
-            kwargs["image"] = [to_pil(r[C.SOURCE_IMAGE]) for r in rows]
+            kwargs["image"] = [_sized(r[C.SOURCE_IMAGE], size) for r in rows]
             if self.info.uses_controlnet:
                 kwargs["strength"] = params["strength"]
             else:
                 kwargs["image_guidance_scale"] = params["image_guidance_scale"]
         if self.info.needs_mask:
-            kwargs["mask_image"] = [to_pil(r[C.MASK_IMAGE]) for r in rows]
+            kwargs["mask_image"] = [_sized(r[C.MASK_IMAGE], size) for r in rows]
         return kwargs
 
-    def _control_images(self, rows: list[dict]) -> list:
+    def _control_images(self, rows: list[dict], size: tuple[int, int]) -> list:
         if self.num_controlnets == 1:
-            return [to_pil(r[C.control_column(0)]) for r in rows]
+            return [_sized(r[C.control_column(0)], size) for r in rows]
         # diffusers takes one batch per ControlNet only as a tensor, in [0, 1] like its PIL path.
         return [
-            torch.from_numpy(np.stack([r[C.control_column(i)] for r in rows])).permute(0, 3, 1, 2).float() / 255
+            torch.from_numpy(np.stack([np.asarray(_sized(r[C.control_column(i)], size)) for r in rows]))
+            .permute(0, 3, 1, 2)
+            .float()
+            / 255
             for i in range(self.num_controlnets)
         ]
 

@@ -2,7 +2,7 @@
 
     source      canonical rows, image bytes               (read tasks)
     decode      arrays, params, row_id, seed, status       (CPU tasks)
-    preprocess  resized images, control maps, masks        (CPU actor pool)
+    preprocess  fitted images, control maps                (CPU actor pool)
     generate    one row per image                          (actor pool, one pipeline each)
     encode      PNG/JPEG/WebP bytes + A1111 parameters     (CPU tasks)
     write       image files + manifest part per batch      (CPU tasks, fused with encode)
@@ -13,16 +13,18 @@ reads still get scheduled while actors hold theirs (else Ray Data waits forever)
 
 from __future__ import annotations
 
+import json
+
 import ray.data
 
 from pixfleet.config import GenerationJobConfig
-from pixfleet.generation.params import model_identity
-from pixfleet.generation.sink import WriteStage
 from pixfleet.generation.sources import ImageRoles, Source
 from pixfleet.generation.stages.decode_stage import DecodeStage
 from pixfleet.generation.stages.encode_stage import EncodeStage
 from pixfleet.generation.stages.generate_stage import GenerateStage
 from pixfleet.generation.stages.preprocess_stage import PreprocessStage
+from pixfleet.generation.stages.write_stage import WriteStage
+from pixfleet.models.identity import ModelIdentity
 
 _LIGHT_CPU = 0.1
 
@@ -32,13 +34,42 @@ def image_columns(job: GenerationJobConfig) -> list[str]:
     return list(roles.mapping)
 
 
-def build_plan(job: GenerationJobConfig, source: Source, finished_row_ids: frozenset[str]) -> ray.data.Dataset:
-    """The lazy dataset of manifest rows; iterating it runs the job."""
-    columns = image_columns(job)
-    res = job.resources
-    model = model_identity(job.model)
+def job_fingerprint(job: GenerationJobConfig, model: ModelIdentity) -> str:
+    """Everything besides a row's own inputs that decides its images; paths are not part of it."""
+    return json.dumps(
+        {
+            "model": model.fingerprint(),
+            "preprocess": job.preprocess.model_dump(),
+            "params": job.params.model_dump(),
+            "seed": job.seed,
+        },
+        sort_keys=True,
+    )
 
-    decode = DecodeStage.for_job(job, columns, finished_row_ids)
+
+def decode_stage(
+    job: GenerationJobConfig, image_labels: dict[str, str], model: ModelIdentity, finished: frozenset[str]
+) -> DecodeStage:
+    return DecodeStage(
+        job.model.task,
+        image_labels,
+        job.params,
+        job.model.num_controlnets,
+        job_fingerprint(job, model),
+        job.seed,
+        job.preprocess.max_image_pixels,
+        finished,
+    )
+
+
+def build_plan(
+    job: GenerationJobConfig, source: Source, model: ModelIdentity, finished_row_ids: frozenset[str]
+) -> ray.data.Dataset:
+    """The lazy dataset of manifest rows; iterating it runs the job."""
+    columns = list(source.image_labels)
+    res = job.resources
+
+    decode = decode_stage(job, source.image_labels, model, finished_row_ids)
     ds = source.dataset.map_batches(decode, batch_format="pandas", num_cpus=_LIGHT_CPU)
     ds = ds.map_batches(
         PreprocessStage,
@@ -59,6 +90,6 @@ def build_plan(job: GenerationJobConfig, source: Source, finished_row_ids: froze
         compute=ray.data.ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors),
         runtime_env=generate_env,
     )
-    ds = ds.map_batches(EncodeStage(job.sink, model), batch_format="pandas", num_cpus=_LIGHT_CPU * 2)
+    ds = ds.map_batches(EncodeStage(job.sink, model, job.preprocess), batch_format="pandas", num_cpus=_LIGHT_CPU * 2)
     ds = ds.map_batches(WriteStage(job.sink, model), batch_format="pandas", num_cpus=_LIGHT_CPU * 2)
     return ds

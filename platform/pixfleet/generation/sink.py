@@ -1,5 +1,7 @@
 """Sink: image files named from row ids plus a parquet manifest, written so reruns resume.
 
+The write side is `stages/write_stage.py`; this module holds the layout and the read side.
+
 Layout under `output_dir`:
   images/<row_id>[_<k>].<ext>      written atomically (temp file + rename)
   manifest/part-<digest>.parquet   one per written batch, after its images; the name derives
@@ -11,21 +13,16 @@ killed run loses at most the batches in flight.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import tempfile
-import time
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pixfleet.config import SinkConfig
-from pixfleet.generation import columns as C
-from pixfleet.generation.stages.encode_stage import ENCODED
+from pixfleet.engine import columns as C
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -38,6 +35,8 @@ MANIFEST_SCHEMA = pa.schema(
         (C.PROMPT, pa.string()),
         ("negative_prompt", pa.string()),
         (C.SEED, pa.int64()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
         ("num_inference_steps", pa.int32()),
         ("guidance_scale", pa.float64()),
         ("image_guidance_scale", pa.float64()),
@@ -47,30 +46,38 @@ MANIFEST_SCHEMA = pa.schema(
         ("control_guidance_start", pa.list_(pa.float64())),
         ("control_guidance_end", pa.list_(pa.float64())),
         ("num_images_per_prompt", pa.int32()),
-        ("sampler", pa.string()),
-        ("model", pa.string()),
+        (C.SAMPLER, pa.string()),
+        (C.PROMPT_TOKENS, pa.int32()),
+        (C.PROMPT_TRUNCATED, pa.bool_()),
+        ("model", pa.string()),  # JSON: names as configured, content hashes, settings
+        ("model_hash", pa.string()),  # A1111's short `Model hash` of the base model
         (C.GENERATE_SECONDS, pa.float64()),
         ("write_s", pa.float64()),
     ]
 )
 # What each written row reports back to the driver (counts, failures, timings).
-DRIVER_COLUMNS = (C.ROW_ID, C.IMAGE_INDEX, C.STATUS, C.ERROR, C.OUTPUT_PATH, C.SEED, C.GENERATE_SECONDS)
-_PARAM_FIELDS = [
-    f.name
-    for f in MANIFEST_SCHEMA
-    if f.name
-    in {
-        "negative_prompt",
-        "num_inference_steps",
-        "guidance_scale",
-        "image_guidance_scale",
-        "strength",
-        "controlnet_conditioning_scale",
-        "guess_mode",
-        "control_guidance_start",
-        "control_guidance_end",
-        "num_images_per_prompt",
-    }
+DRIVER_COLUMNS = (
+    C.ROW_ID,
+    C.IMAGE_INDEX,
+    C.STATUS,
+    C.ERROR,
+    C.SOURCE_REF,
+    C.OUTPUT_PATH,
+    C.SEED,
+    C.GENERATE_SECONDS,
+)
+# Resolved parameters recorded as manifest columns of their own.
+PARAM_COLUMNS = [
+    "negative_prompt",
+    "num_inference_steps",
+    "guidance_scale",
+    "image_guidance_scale",
+    "strength",
+    "controlnet_conditioning_scale",
+    "guess_mode",
+    "control_guidance_start",
+    "control_guidance_end",
+    "num_images_per_prompt",
 ]
 
 
@@ -89,53 +96,6 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 def output_name(row_id: str, image_index: int, num_images: int) -> str:
     return row_id if num_images == 1 else f"{row_id}_{image_index}"
-
-
-class WriteStage:
-    """Write each ok image, then the batch's manifest part; returns the manifest rows."""
-
-    def __init__(self, config: SinkConfig, model: dict[str, Any]):
-        self.root = Path(config.output_dir)
-        self.extension = "jpg" if config.image_format == "jpeg" else config.image_format
-        self.model = json.dumps(model, sort_keys=True)
-
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        C.require_columns(batch, (C.ROW_ID, C.IMAGE_INDEX, C.STATUS, ENCODED, C.PARAMS), "write stage")
-        records = []
-        for row in batch.to_dict("records"):
-            start = time.perf_counter()
-            params = json.loads(row[C.PARAMS]) if row[C.PARAMS] else {}
-            path = ""
-            if row[C.STATUS] == C.OK:
-                name = output_name(row[C.ROW_ID], row[C.IMAGE_INDEX], params["num_images_per_prompt"])
-                path = str(self.root / "images" / f"{name}.{self.extension}")
-                atomic_write(Path(path), row[ENCODED])
-            records.append(
-                {
-                    **{name: params.get(name) for name in _PARAM_FIELDS},
-                    C.ROW_ID: row[C.ROW_ID],
-                    C.IMAGE_INDEX: row[C.IMAGE_INDEX],
-                    C.STATUS: row[C.STATUS],
-                    C.ERROR: row[C.ERROR],
-                    C.OUTPUT_PATH: path,
-                    C.SOURCE_REF: row[C.SOURCE_REF],
-                    C.PROMPT: row[C.PROMPT],
-                    C.SEED: row[C.SEED],
-                    "sampler": row["sampler"],
-                    "model": self.model,
-                    C.GENERATE_SECONDS: row[C.GENERATE_SECONDS],
-                    "write_s": time.perf_counter() - start,
-                }
-            )
-        written = [r for r in records if r[C.STATUS] != C.SKIPPED]
-        if written:
-            ids = "\n".join(sorted(f"{r[C.ROW_ID]}:{r[C.IMAGE_INDEX]}" for r in written))
-            digest = hashlib.sha256(ids.encode()).hexdigest()[:16]
-            table = pa.Table.from_pylist(written, schema=MANIFEST_SCHEMA)
-            sink = pa.BufferOutputStream()
-            pq.write_table(table, sink)
-            atomic_write(self.root / "manifest" / f"part-{digest}.parquet", sink.getvalue().to_pybytes())
-        return pd.DataFrame(records)[list(DRIVER_COLUMNS)]
 
 
 class Manifest:

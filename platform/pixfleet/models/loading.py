@@ -11,14 +11,15 @@ from diffusers import ControlNetModel, MultiControlNetModel
 
 from pixfleet.config.model import ModelSpec
 from pixfleet.config.paths import looks_local
+from pixfleet.errors import UserError
 from pixfleet.models.optimizations import apply_optimizations
 from pixfleet.models.schedulers import swap_scheduler
-from pixfleet.models.tasks import task_info
+from pixfleet.models.tasks import TASKS, task_info
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UserError, ValueError):
     """A model that cannot be loaded for its task; the message names the folder and the part."""
 
 
@@ -66,6 +67,17 @@ def _unet_in_channels(folder: str) -> int | None:
         return None
     with open(config_path) as f:
         return json.load(f).get("in_channels")
+
+
+def import_pipeline_classes() -> None:
+    """Import what diffusers and transformers import lazily on a first `from_pretrained` (the
+    pipeline classes, ControlNet, CLIP): seconds of work a process can do before it is given a
+    model, so that loading one only reads weights."""
+    import transformers
+
+    for info in TASKS.values():
+        _ = info.pipeline_class
+    _ = (transformers.CLIPTextModel, transformers.CLIPTextModelWithProjection, transformers.CLIPTokenizer)
 
 
 def load_pipeline(spec: ModelSpec) -> diffusers.DiffusionPipeline:

@@ -9,26 +9,38 @@ from pathlib import Path
 
 from pixfleet.config import ModelSpec
 from pixfleet.config.paths import is_mlflow_uri
+from pixfleet.errors import UserError
 
 CACHE = Path.home() / ".cache" / "pixfleet" / "mlflow"
 
 
-class RegistryError(RuntimeError):
+class RegistryError(UserError, RuntimeError):
     """An MLflow model URI that does not resolve."""
+
+
+def resolve_version(reference: str, tracking_uri: str) -> tuple[str, str]:
+    """`[models:/]NAME@ALIAS` or `[models:/]NAME/VERSION` -> (NAME, VERSION) as the registry
+    says now (an alias moves, so it is resolved each time); RegistryError naming `reference`."""
+    import mlflow
+
+    name, at, alias = reference.removeprefix("models:/").partition("@")
+    if not at:
+        name, _, alias = name.partition("/")
+    client = mlflow.MlflowClient(tracking_uri)
+    try:
+        version = client.get_model_version_by_alias(name, alias) if at else client.get_model_version(name, alias)
+    except Exception as error:
+        raise RegistryError(f"{reference}: cannot resolve in MLflow at {tracking_uri} ({error})") from None
+    return name, str(version.version)
 
 
 def download_model(uri: str, tracking_uri: str) -> str:
     """The local folder of `uri`'s artifacts, downloaded once per resolved version."""
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri)
     try:
         if uri.startswith("models:/"):
-            name, _, ref = uri.removeprefix("models:/").partition("@")
-            if ref:  # an alias moves: cache by the version it points at now
-                version = client.get_model_version_by_alias(name, ref).version
-            else:
-                name, _, version = uri.removeprefix("models:/").partition("/")
+            name, version = resolve_version(uri, tracking_uri)
             key = f"{tracking_uri}|{name}|{version}"
             source = f"models:/{name}/{version}"
         else:
@@ -36,6 +48,8 @@ def download_model(uri: str, tracking_uri: str) -> str:
         folder = CACHE / hashlib.sha256(key.encode()).hexdigest()[:16]
         if not folder.exists():
             _download(mlflow, source, tracking_uri, folder)
+    except RegistryError:
+        raise
     except Exception as error:
         raise RegistryError(f"{uri}: cannot resolve in MLflow at {tracking_uri} ({error})") from None
     return str(folder)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -15,6 +16,15 @@ TaskName = Literal[
 ]
 
 
+# Generation parameters every task's pipeline takes; the others belong to some tasks only.
+COMMON_PARAMETERS = frozenset(
+    {"prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "num_images_per_prompt", "seed"}
+)
+CONTROLNET_PARAMETERS = frozenset(
+    {"controlnet_conditioning_scale", "guess_mode", "control_guidance_start", "control_guidance_end"}
+)
+
+
 @dataclass(frozen=True)
 class TaskInfo:
     """What a task runs and which images each row must carry."""
@@ -24,6 +34,18 @@ class TaskInfo:
     uses_controlnet: bool
     needs_source_image: bool
     needs_mask: bool
+
+    @property
+    def parameters(self) -> frozenset[str]:
+        """The generation parameters (`GenerationParams` fields) this task's pipeline takes."""
+        names = set(COMMON_PARAMETERS)
+        if self.uses_controlnet:
+            names |= CONTROLNET_PARAMETERS
+            if self.needs_source_image:
+                names.add("strength")
+        elif self.needs_source_image:
+            names.add("image_guidance_scale")
+        return frozenset(names)
 
     @property
     def pipeline_class(self) -> type:
@@ -40,6 +62,12 @@ TASKS: dict[str, TaskInfo] = {
     "pix2pix": TaskInfo("StableDiffusionInstructPix2PixPipeline", False, False, True, False),
     "sdxl_pix2pix": TaskInfo("StableDiffusionXLInstructPix2PixPipeline", True, False, True, False),
 }
+
+
+def unused_parameters(task: str, names: Iterable[str]) -> list[str]:
+    """The names among `names` that `task`'s pipeline does not take, in their order."""
+    used = task_info(task).parameters
+    return [name for name in names if name not in used]
 
 
 def task_info(task: str) -> TaskInfo:

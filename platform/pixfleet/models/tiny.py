@@ -72,20 +72,27 @@ def _unet(in_channels: int, sdxl: bool) -> UNet2DConditionModel:
     )
 
 
-def _randomize_zero_convs(controlnet: ControlNetModel) -> None:
-    """Give the zero-initialised output convs random weights, so control maps change images.
+def randomize_zero_convs(controlnet: ControlNetModel) -> None:
+    """Give the zero-initialised convs random weights, so control maps change images.
 
-    A freshly initialised ControlNet adds exactly nothing to the UNet; a tiny test model
-    whose control input has no effect would let control-path bugs pass unseen.
+    A freshly initialised ControlNet adds exactly nothing to the UNet, and its conditioning
+    embedding ends in a zero conv too, so the control image has no effect at all; a tiny test
+    model like that would let a dropped, mis-resized or swapped control map pass unseen.
     """
-    zero_convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]
     with torch.no_grad():
-        for conv in zero_convs:
+        for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
             torch.nn.init.normal_(conv.weight, std=0.1)
+        # The embedding's activations are small: a strong last conv makes a black map move
+        # the image by about 5 (mean abs, 0-255) at 2 steps, well clear of float noise.
+        torch.nn.init.normal_(controlnet.controlnet_cond_embedding.conv_out.weight, std=5.0)
 
 
-def tiny_components(task: str, num_controlnets: int = 1, seed: int = 0) -> dict:
-    """The keyword arguments of `TASKS[task].pipeline_class(...)`, all tiny and seeded."""
+def tiny_components(task: str, num_controlnets: int = 1, seed: int = 0, zero_convs: bool = False) -> dict:
+    """The keyword arguments of `TASKS[task].pipeline_class(...)`, all tiny and seeded.
+
+    ControlNets get random weights in their zero convs unless `zero_convs` (see
+    `randomize_zero_convs`).
+    """
     info = task_info(task)
     tokenizer_dir = Path.home() / ".cache" / "pixfleet" / "byte_level_tokenizer"
     tokenizer = write_byte_level_tokenizer(tokenizer_dir)
@@ -127,18 +134,21 @@ def tiny_components(task: str, num_controlnets: int = 1, seed: int = 0) -> dict:
             torch.manual_seed(seed + i)
             # The default embedding downsamples x8; the tiny VAE's scale factor is 2.
             controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
-            _randomize_zero_convs(controlnet)
+            if not zero_convs:
+                randomize_zero_convs(controlnet)
             controlnets.append(controlnet)
         components["controlnet"] = controlnets[0] if num_controlnets == 1 else MultiControlNetModel(controlnets)
     return components
 
 
-def make_tiny_pipeline(task: str, out_dir: str | Path, num_controlnets: int = 1, seed: int = 0):
+def make_tiny_pipeline(
+    task: str, out_dir: str | Path, num_controlnets: int = 1, seed: int = 0, zero_convs: bool = False
+):
     """Build a tiny pipeline of `task`, save it to `out_dir` and return it."""
     info = task_info(task)
     if num_controlnets < 1 or (num_controlnets > 1 and not info.uses_controlnet):
         raise ValueError(f"task {task!r} takes {'1+' if info.uses_controlnet else 'no'} controlnets")
-    components = tiny_components(task, num_controlnets, seed)
+    components = tiny_components(task, num_controlnets, seed, zero_convs)
     # Optional parts (safety checker, image encoder, watermarker) are left out.
     accepted = inspect.signature(info.pipeline_class.__init__).parameters
     optional = {name: value for name, value in _OPTIONAL_COMPONENTS.items() if name in accepted}

@@ -64,7 +64,7 @@ def build_app(config: ServingConfig) -> Application:
     models = {
         served.name: serve.deployment(ModelReplica)
         .options(name=deployment_name(served), **options[deployment_name(served)])
-        .bind(served, uri)
+        .bind(served, uri, config.limits.stop_grace_s)
         for served in config.models
     }
     ingress = serve.deployment(Ingress).options(name=INGRESS, **options[INGRESS])

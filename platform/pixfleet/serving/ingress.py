@@ -1,38 +1,41 @@
-"""The HTTP ingress: FastAPI routes, API key, body limit, errors as JSON; model work goes to
-the model deployments through their handles.
+"""The HTTP ingress: routes; model work goes to the model deployments through their handles.
 
     POST /v1/generate          JSON, images as base64           every task
     POST /v1/generate/upload   multipart: files + `params` JSON every task
     POST /v1/images/edits      OpenAI images edit (multipart)   pix2pix tasks
     GET  /v1/models            OpenAI model list
     GET  /healthz              200 when every model answers, else 503
+
+The gate (`gate`) checks the API key and body size first, errors all take one shape
+(`errors`), and a model already holding all it can take turns a request away at once (503),
+before its images are decoded.
 """
 
 # No `from __future__ import annotations`: FastAPI must see Request itself on Serve's rebuilt routes.
 import asyncio
 import base64
-import hashlib
-import hmac
 import json
 import time
+from collections import Counter
 from typing import Annotated, Any
 
 from fastapi import FastAPI, File, Form, Request, UploadFile
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import Field, ValidationError
+from pydantic import ValidationError
 from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from pixfleet import __version__
-from pixfleet.config import GenerationParams
-from pixfleet.config.base import StrictModel
 from pixfleet.config.serving import LimitsConfig, ServedModelConfig, ServingConfig
-from pixfleet.generation.params import pipeline_call_defaults
+from pixfleet.engine.params import pipeline_call_defaults
+from pixfleet.models.registry import RegistryError, resolve_version
 from pixfleet.models.tasks import task_info
+from pixfleet.serving.errors import ApiError, from_validation_errors, install_error_handlers
+from pixfleet.serving.gate import RequestGate
+from pixfleet.serving.openai_images import generate_request, read_edit_form
 from pixfleet.serving.replica import DEADLINE
-from pixfleet.serving.requests import ApiError, decode_base64, encode_png, prepare_row
+from pixfleet.serving.requests import decode_base64, encode_png, prepare_row
 from pixfleet.serving.schemas import (
     EditResponse,
     ErrorResponse,
@@ -43,7 +46,6 @@ from pixfleet.serving.schemas import (
     ModelList,
 )
 
-OPEN_PATHS = {"/healthz", "/docs", "/openapi.json"}  # reachable without the API key
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 503, 504)}
 
 api = FastAPI(
@@ -52,82 +54,11 @@ api = FastAPI(
     description="ControlNet generation and instruction editing on Ray Serve.",
     responses=_ERRORS,
 )
-
-
-class RequestGate:
-    """ASGI middleware: API key and body size are checked before any body byte is read.
-
-    A body must declare its Content-Length (411 otherwise), so an oversized upload is refused
-    from its headers and never buffered.
-    """
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        state = scope["app"].state
-        headers = dict(scope["headers"])
-        error = None
-        if state.api_key_sha256 and scope["path"].removeprefix(scope.get("root_path", "")) not in OPEN_PATHS:
-            presented = headers.get(b"authorization", b"").removeprefix(b"Bearer ").strip()
-            if not hmac.compare_digest(hashlib.sha256(presented).hexdigest(), state.api_key_sha256):
-                error = ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
-        if error is None and scope["method"] in ("POST", "PUT", "PATCH"):
-            declared = headers.get(b"content-length")
-            if declared is None:
-                error = ApiError(411, "the request body needs a Content-Length header")
-            elif int(declared) > state.limits.max_body_bytes:
-                error = ApiError(
-                    413, f"body of {int(declared)} bytes exceeds max_body_bytes={state.limits.max_body_bytes}"
-                )
-        if error is None:
-            return await self.app(scope, receive, send)
-        extra = {"www-authenticate": "Bearer"} if error.status == 401 else None
-        response = JSONResponse(error.body(), status_code=error.status, headers=extra)
-        await response(scope, receive, send)
-
-
 api.add_middleware(RequestGate)
+install_error_handlers(api)
 # Replaced by Ingress.__init__; the defaults keep the gate working before it runs.
 api.state.limits = LimitsConfig()
 api.state.api_key_sha256 = None
-
-
-@api.exception_handler(ApiError)
-async def _api_error(request: Request, error: ApiError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status)
-
-
-@api.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
-    return _api_error_from_pydantic(error.errors())
-
-
-def _api_error_from_pydantic(errors: list[dict[str, Any]]) -> JSONResponse:
-    first = errors[0]
-    if first["type"] == "json_invalid":  # loc is ("body", offset): the body as a whole is bad
-        return JSONResponse(ApiError(400, f"body: not valid JSON ({first['msg']})", "body").body(), status_code=400)
-    field = ".".join(str(part) for part in first["loc"] if part != "body")
-    message = "unknown field" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
-    return JSONResponse(ApiError(422, f"{field}: {message}", field).body(), status_code=422)
-
-
-class EditForm(StrictModel):
-    """The form fields of OpenAI's images edit, plus InstructPix2Pix's parameters."""
-
-    prompt: str = Field(description="The edit instruction.")
-    model: str | None = Field(None, description="Served pix2pix model; optional when only one serves edits.")
-    n: int = Field(1, ge=1, le=16, description="Number of images.")
-    size: str | None = Field(None, description="'WIDTHxHEIGHT' or 'auto' (the input's size).")
-    response_format: str = Field("b64_json", description="Only 'b64_json' (no image hosting).")
-    user: str | None = Field(None, description="Accepted and ignored.")
-    negative_prompt: str | None = None
-    num_inference_steps: int | None = Field(None, ge=1, le=1000)
-    guidance_scale: float | None = Field(None, ge=0)
-    image_guidance_scale: float | None = Field(None, ge=0)
-    seed: int | None = Field(None, ge=0, lt=2**63)
 
 
 # Helpers come before the class: Serve rebuilds its routes with the globals defined so far.
@@ -136,13 +67,9 @@ def _does_edits(served: ServedModelConfig) -> bool:
     return info.needs_source_image and not info.uses_controlnet
 
 
-def _size_fields(size: str | None) -> dict[str, int]:
-    if size in (None, "auto"):
-        return {}
-    width, x, height = size.partition("x")
-    if not (x and width.isdigit() and height.isdigit()):
-        raise ApiError(422, f"size: expected 'WIDTHxHEIGHT' or 'auto', got {size!r}", "size")
-    return {"width": int(width), "height": int(height)}
+def _capacity(served: ServedModelConfig) -> int:
+    """Requests the model deployment can hold at most: running on every replica, plus queued."""
+    return served.autoscaling.max_replicas * served.max_ongoing_requests + served.max_queued_requests
 
 
 def _b64(data: bytes) -> str:
@@ -164,6 +91,7 @@ class Ingress:
         self.served = {m.name: m for m in config.models}
         self.handles = models
         self.tracking_uri = tracking_uri
+        self.in_flight: Counter[str] = Counter()  # per model, requests admitted and not yet answered
         for served in config.models:  # imports the pipeline classes now, not in racing request threads
             pipeline_call_defaults(served.model.task)
         api.state.limits = config.limits
@@ -225,39 +153,19 @@ class Ingress:
         except json.JSONDecodeError as error:
             raise ApiError(400, f"params: not valid JSON ({error})", "params") from None
         except ValidationError as error:
-            return _api_error_from_pydantic(error.errors())
+            raise from_validation_errors(error.errors()) from None
         if request.control_images or request.image or request.mask_image:
             raise ApiError(422, "params: send images as files, not in params", "params")
-        images = {f"control_images[{i}]": await f.read() for i, f in enumerate(control_images or [])}
-        for field, upload in (("image", image), ("mask_image", mask_image)):
-            if upload is not None:
-                images[field] = await upload.read()
-        return await self._generate(request, images)
+        files = {f"control_images[{i}]": f for i, f in enumerate(control_images or [])}
+        files |= {field: f for field, f in (("image", image), ("mask_image", mask_image)) if f is not None}
+        return await self._generate(request, {field: await f.read() for field, f in files.items()})
 
     @api.post("/v1/images/edits", response_model=EditResponse)
     async def edit(self, request: Request) -> Response:
         """OpenAI-compatible instruction editing with an InstructPix2Pix model."""
-        form = await request.form()
-        uploads = form.getlist("image") or form.getlist("image[]")
-        fields = {k: v for k, v in form.multi_items() if k not in ("image", "image[]", "mask")}
-        try:
-            edit = EditForm.model_validate(fields)
-        except ValidationError as error:
-            return _api_error_from_pydantic(error.errors())
-        if len(uploads) != 1 or isinstance(uploads[0], str):
-            raise ApiError(422, "image: send exactly one image file", "image")
-        if "mask" in form:
-            raise ApiError(422, "mask: InstructPix2Pix edits the whole image; masks are not supported", "mask")
-        if edit.response_format != "b64_json":
-            raise ApiError(422, "response_format: only 'b64_json' is supported", "response_format")
-        served = self._edit_model(edit.model)
-        params = edit.model_dump(include=set(GenerationParams.model_fields), exclude_unset=True)
-        params["num_images_per_prompt"] = edit.n
-        try:
-            generate = GenerateRequest.model_validate({"model": served.name, **params, **_size_fields(edit.size)})
-        except ValidationError as error:
-            return _api_error_from_pydantic(error.errors())
-        return await self._generate(generate, {"image": await uploads[0].read()}, as_edit=True)
+        form, upload = read_edit_form(await request.form())
+        generate = generate_request(form, self._edit_model(form.model).name)
+        return await self._generate(generate, {"image": await upload.read()}, as_edit=True)
 
     def _edit_model(self, name: str | None) -> ServedModelConfig:
         editors = [m for m in self.config.models if _does_edits(m)]
@@ -277,6 +185,18 @@ class Ingress:
 
     async def _generate(self, request: GenerateRequest, images: dict[str, bytes], as_edit: bool = False) -> Response:
         served = self._served(request.model)
+        # Past what the deployment can hold, answer now: before decoding images or queueing.
+        if self.in_flight[served.name] >= _capacity(served):
+            raise ApiError(503, f"model {served.name!r} is at capacity; retry later")
+        self.in_flight[served.name] += 1
+        try:
+            return await self._admitted(served, request, images, as_edit)
+        finally:
+            self.in_flight[served.name] -= 1
+
+    async def _admitted(
+        self, served: ServedModelConfig, request: GenerateRequest, images: dict[str, bytes], as_edit: bool
+    ) -> Response:
         limits = self.config.limits
         deadline = time.time() + limits.request_timeout_s
         version = await asyncio.to_thread(self._controlnet_version, served, request.controlnet)
@@ -295,7 +215,7 @@ class Ingress:
         except (BackPressureError, DeploymentUnavailableError):
             raise ApiError(503, f"model {served.name!r} is at capacity; retry later") from None
         if "error" in result:
-            status = 504 if result["error"] == "timeout" else 500
+            status = {"timeout": 504, "overloaded": 503}.get(result["error"], 500)
             raise ApiError(status, result["message"])
         pngs = await asyncio.to_thread(lambda: [encode_png(image) for image in result["images"]])
         params = json.loads(row["params"])
@@ -325,16 +245,11 @@ class Ingress:
             return None
         if served.multiplex is None:
             raise ApiError(422, f"controlnet: model {served.name!r} serves no registered ControlNets", "controlnet")
-        name, at, alias = controlnet.partition("@")
-        if not at:
-            name, _, alias = controlnet.partition("/")
+        name = controlnet.partition("@")[0].partition("/")[0]
         if name not in served.multiplex.registered_models:
             raise ApiError(404, f"controlnet: {name!r} is not served by {served.name!r}", "controlnet")
-        import mlflow
-
-        client = mlflow.MlflowClient(self.tracking_uri)
         try:
-            version = client.get_model_version_by_alias(name, alias) if at else client.get_model_version(name, alias)
-        except Exception:
+            name, version = resolve_version(controlnet, self.tracking_uri)
+        except RegistryError:
             raise ApiError(404, f"controlnet: no registered version {controlnet!r}", "controlnet") from None
-        return f"{name}/{version.version}"
+        return f"{name}/{version}"

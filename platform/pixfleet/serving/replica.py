@@ -1,9 +1,13 @@
-"""The model deployment: one loaded pipeline per replica, dynamic batching, and registered
+"""The model deployment: one engine process per replica, dynamic batching, and registered
 ControlNets multiplexed over the shared base model.
 
 Requests arrive as prepared generation rows (see `requests.prepare_row`). `@serve.batch`
 collects them (Serve splits batches by multiplexed model id), rows that can share a pipeline
 call run together, one call at a time per replica: diffusers pipelines are not thread-safe.
+The pipeline lives in a child process (`engine.process`): a call still running past its
+deadline plus `limits.stop_grace_s` is killed there and the process is replaced, so a request
+that one huge step keeps busy cannot hold the replica for minutes. While a call is stuck or
+the engine restarts, the replica reports not ready (`/healthz` 503) and new calls wait for it.
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ from typing import Any
 from ray import serve
 
 from pixfleet.config.serving import ServedModelConfig
-from pixfleet.generation import columns as C
-from pixfleet.generation.runner import DeadlineExceeded, PipelineRunner, group_rows
+from pixfleet.engine import columns as C
+from pixfleet.engine.process import EngineCallFailed, EngineProcess, EngineStopped
+from pixfleet.engine.runner import group_rows
 from pixfleet.models.registry import download_model, resolve_registry_models
 
 logger = logging.getLogger("ray.serve")
@@ -34,49 +39,53 @@ def images_in(rows: list[dict[str, Any]]) -> int:
 class ModelReplica:
     """A Serve deployment class; `app.build_app` sets its options from the config."""
 
-    def __init__(self, served: ServedModelConfig, tracking_uri: str):
+    def __init__(self, served: ServedModelConfig, tracking_uri: str, stop_grace_s: float):
         self.served = served
         self.tracking_uri = tracking_uri
-        self.runner = PipelineRunner.load(resolve_registry_models(served.model, tracking_uri))
+        self.stop_grace_s = stop_grace_s
+        lru_size = served.multiplex.max_models_per_replica if served.multiplex else 0
+        spec = resolve_registry_models(served.model, tracking_uri)
+        self.engine = EngineProcess(spec, max_controlnets=lru_size, spare=served.spare_engine)
+        self.engine.start()
+        self.broken: str | None = None
         self.generate.set_max_batch_size(served.batching.max_batch_size)
         self.generate.set_batch_wait_timeout_s(served.batching.batch_wait_timeout_s)
-        self.broken: str | None = None
         if served.multiplex:
             # Wired per instance (the LRU size comes from the config) on a plain function:
             # Serve keeps its cache as an attribute of the function it wraps.
-            async def load(version: str) -> PipelineRunner:
+            async def load(version: str) -> str:
                 return await self._load_controlnet(version)
 
-            lru_size = served.multiplex.max_models_per_replica
-            self.runner_for = serve.multiplexed(max_num_models_per_replica=lru_size)(load)
+            self.controlnet_folder = serve.multiplexed(max_num_models_per_replica=lru_size)(load)
 
-    async def _load_controlnet(self, version: str) -> PipelineRunner:
-        """`version` is NAME/VERSION of a registered ControlNet, checked by the ingress."""
-        from diffusers import ControlNetModel
-
+    async def _load_controlnet(self, version: str) -> str:
+        """`version` is NAME/VERSION of a registered ControlNet, checked by the ingress; the
+        engine loads it beside the base model (and again by itself after a restart)."""
         folder = await asyncio.to_thread(download_model, f"models:/{version}", self.tracking_uri)
-        controlnet = await asyncio.to_thread(
-            ControlNetModel.from_pretrained, folder, dtype=self.runner.pipe.unet.dtype
-        )
+        await asyncio.to_thread(self.engine.load_controlnet, folder)
         logger.info("loaded ControlNet %s", version)
-        return self.runner.with_controlnet(controlnet.to(self.runner.device))
+        return folder
 
     def ready(self) -> dict[str, Any]:
-        """What /healthz reports for this model."""
-        import torch
-
+        """What /healthz reports for this model; raises while a call is stuck or the engine restarts."""
+        reason = self.engine.unready_reason()
+        if reason:
+            raise RuntimeError(reason)
+        info = self.engine.info
         return {
             "model": self.served.name,
             "task": self.served.model.task,
-            "sampler": self.runner.sampler,
-            "device": str(self.runner.device),
-            "torch_threads": torch.get_num_threads(),
+            "sampler": info.sampler,
+            "device": info.device,
+            "torch_threads": info.torch_threads,
+            "engine_restarts": self.engine.restarts,
         }
 
     def check_health(self) -> None:
-        """Serve replaces the replica when this raises: after a CUDA error the context is lost."""
-        if self.broken:
-            raise RuntimeError(self.broken)
+        """Serve replaces the replica when this raises: after a CUDA error the context is lost,
+        and an engine that cannot restart cannot serve."""
+        if self.broken or self.engine.failure:
+            raise RuntimeError(self.broken or self.engine.failure)
 
     async def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         return await self.generate(row)
@@ -85,7 +94,7 @@ class ModelReplica:
     async def generate(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Results in the order of `rows`: images (NHWC uint8) and batch metadata, or an error."""
         controlnet = serve.get_multiplexed_model_id()
-        runner = await self.runner_for(controlnet) if controlnet else self.runner
+        folder = await self.controlnet_folder(controlnet) if controlnet else None
         results: dict[int, dict[str, Any]] = {}
         for group in group_rows(rows):
             now = time.time()
@@ -94,23 +103,28 @@ class ModelReplica:
                 if row[DEADLINE] <= now:
                     results[id(row)] = {"error": "timeout", "message": "request timed out while queued"}
             if live:
-                for row, result in zip(live, await asyncio.to_thread(self._run, runner, live), strict=True):
+                for row, result in zip(live, await self._run(live, folder), strict=True):
                     results[id(row)] = result
         return [results[id(row)] for row in rows]
 
-    def _run(self, runner: PipelineRunner, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def _run(self, rows: list[dict[str, Any]], controlnet: str | None) -> list[dict[str, Any]]:
+        """One pipeline call in the engine. It runs in a thread that sees it through even when
+        the request is cancelled (the ingress gave up): the engine replaces a stuck process
+        there, before it takes the next call."""
         n = json.loads(rows[0][C.PARAMS])["num_images_per_prompt"]
+        deadline = max(row[DEADLINE] for row in rows)
         start = time.perf_counter()
         try:
-            images = runner.generate(rows, deadline=max(row[DEADLINE] for row in rows))
-        except DeadlineExceeded as error:
-            return [{"error": "timeout", "message": str(error)}] * len(rows)
-        except Exception as error:
-            message = f"{type(error).__name__}: {error}".splitlines()[0]
-            if "CUDA error" in message:
-                self.broken = message
-            logger.exception("pipeline call failed")
-            return [{"error": "pipeline", "message": message}] * len(rows)
+            images = await asyncio.to_thread(self.engine.generate, rows, deadline, self.stop_grace_s, controlnet)
+        except EngineStopped as error:
+            return [{"error": "timeout", "message": f"request timed out; {error}"}] * len(rows)
+        except EngineCallFailed as error:
+            if "CUDA error" in str(error):
+                self.broken = str(error)
+            status = {"timeout": "timeout", "oom": "overloaded"}.get(error.kind, "pipeline")
+            if error.kind == "error":
+                logger.error("pipeline call failed: %s", error)
+            return [{"error": status, "message": str(error)}] * len(rows)
         seconds = time.perf_counter() - start
         return [
             {"images": images[i * n : (i + 1) * n], "batch_size": len(rows), "generate_s": seconds}

@@ -14,39 +14,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pixfleet.config import PreprocessConfig
 from pixfleet.config.serving import LimitsConfig, ServedModelConfig
-from pixfleet.generation import columns as C
-from pixfleet.generation.images import ImageTooLarge, RowError, decode_image
-from pixfleet.generation.params import resolve_params
-from pixfleet.generation.stages.preprocess_stage import prepare_image, resize
+from pixfleet.engine import columns as C
+from pixfleet.engine.images import ImageTooLarge, RowError, decode_image
+from pixfleet.engine.params import resolve_params
+from pixfleet.engine.preprocess import detect, fit_image
 from pixfleet.models.tasks import task_info
-
-_ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    404: "not_found_error",
-    408: "timeout_error",
-    411: "invalid_request_error",
-    413: "invalid_request_error",
-    422: "invalid_request_error",
-    503: "overloaded_error",
-    504: "timeout_error",
-}
-
-
-class ApiError(Exception):
-    """An HTTP error with a message naming the field (`param`) at fault."""
-
-    def __init__(self, status: int, message: str, param: str | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-
-    def body(self) -> dict[str, Any]:
-        error_type = _ERROR_TYPES.get(self.status, "server_error")
-        return {"error": {"message": self.message, "type": error_type, "param": self.param, "code": None}}
+from pixfleet.serving.errors import ApiError
 
 
 def decode_base64(value: str, field: str) -> bytes:
@@ -130,12 +104,16 @@ def prepare_row(
         for field, column in fields.items()
     }
     width, height = _output_size(size, arrays, limits)
-    # Unset size keeps the inputs' (cut to multiples of 8), as resize_mode 'none' in a job.
+    check_cost(served, width, height, resolved, size, next(iter(fields)))
+    # Unset size keeps the inputs' (the pipeline rounds it down), as resize_mode 'none' in a job.
     resize_mode = "none" if size == (None, None) else "center_crop"
-    preprocess = PreprocessConfig(
-        width=width, height=height, resize_mode=resize_mode, control=served.control, max_image_pixels=10**12
-    )
-    row = {column: prepare_image(column, arrays[field], preprocess) for field, column in fields.items()}
+    row = {}
+    for field, column in fields.items():
+        image = fit_image(arrays[field], width, height, resize_mode, "lanczos")
+        index = C.control_index(column)
+        if index is not None:
+            image = detect(image, served.control[index if len(served.control) > 1 else 0])
+        row[column] = image
     seed = resolved["seed"] if resolved["seed"] is not None else secrets.randbits(62)
     resolved["seed"] = seed
     return {
@@ -153,7 +131,7 @@ def prepare_row(
 def _output_size(
     size: tuple[int | None, int | None], arrays: dict[str, np.ndarray], limits: LimitsConfig
 ) -> tuple[int, int]:
-    """The requested size, or the inputs' own cut to multiples of 8 (all inputs the same size)."""
+    """The requested size, or the inputs' own (all inputs the same size)."""
     width, height = size
     if (width is None) != (height is None):
         raise ApiError(422, "width and height: give both or neither", "width" if width is None else "height")
@@ -167,12 +145,40 @@ def _output_size(
                     f"{first.shape[1]}x{first.shape[0]}; give width and height to resize both",
                     field,
                 )
-        height, width = resize(first, 0, 0, "none").shape[:2]
-        if not width or not height:
+        height, width = first.shape[:2]
+        if width < 8 or height < 8:
             raise ApiError(422, f"{first_field}: smaller than 8x8 pixels", first_field)
     if width * height > limits.max_image_pixels:
         raise ApiError(422, f"width x height: {width}x{height} exceeds max_image_pixels", "width")
     return width, height
+
+
+def check_cost(
+    served: ServedModelConfig,
+    width: int,
+    height: int,
+    params: dict[str, Any],
+    size: tuple[int | None, int | None],
+    image_field: str,
+) -> None:
+    """422 before any work for a request whose width x height x steps x images is over the
+    model's `max_pixel_steps`: one that cannot finish in time is refused, not started. The
+    message names what to lower: the size when one step alone is over, else the steps."""
+    budget = served.max_pixel_steps
+    steps, images = params["num_inference_steps"], params["num_images_per_prompt"]
+    cost = width * height * steps * images
+    if budget is None or cost <= budget:
+        return
+    if width * height > budget:
+        field = "width" if size != (None, None) else image_field
+    else:
+        field = "num_images_per_prompt" if width * height * steps <= budget else "num_inference_steps"
+    raise ApiError(
+        422,
+        f"{field}: {width}x{height} px x {steps} steps x {images} images = {cost:,} pixel-steps exceeds "
+        f"max_pixel_steps={budget:,} of {served.name!r}",
+        field,
+    )
 
 
 def encode_png(image: np.ndarray) -> bytes:

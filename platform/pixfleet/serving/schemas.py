@@ -31,7 +31,6 @@ class GenerateRequest(GenerationParams):
     height: int | None = Field(
         None, ge=8, le=4096, description="Output height (multiple of 8); unset keeps the input's."
     )
-    seed: int | None = Field(None, ge=0, lt=2**63, description="Seed of the first image; image k uses seed + k.")
     controlnet: str | None = Field(
         None, description="A registered ControlNet to use instead of the model's own: NAME@ALIAS or NAME/VERSION."
     )

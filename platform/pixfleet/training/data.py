@@ -18,9 +18,9 @@ import ray.data
 
 from pixfleet.config import ConfigError
 from pixfleet.config.training import ControlNetTrainingArgs
-from pixfleet.data.tables import read_image_bytes, read_image_table
-from pixfleet.generation.images import RowError, decode_image
-from pixfleet.generation.stages.preprocess_stage import resize
+from pixfleet.data.tables import UnreadableImage, read_image_bytes, read_image_table
+from pixfleet.engine.images import RowError, decode_image
+from pixfleet.engine.preprocess import fit_image
 
 PREPROCESS_CPUS = 0.25  # fractional: leaves room for readers beside the train workers
 MAX_IMAGE_PIXELS = 8192 * 8192
@@ -98,8 +98,11 @@ class TrainPreprocess:
         """CHW float32 in [0, 1], resized (shorter side) and center-cropped to the resolution."""
         try:
             array = decode_image(read_image_bytes(value), f"{ref} {column}", MAX_IMAGE_PIXELS)
-        except RowError as error:  # training cannot skip rows silently: name the row and stop
+        except UnreadableImage as error:  # training cannot skip rows silently: name the row and stop
+            raise ConfigError(f"{ref} {column}: {error}") from None
+        except RowError as error:
             raise ConfigError(str(error)) from None
         size = self.args.resolution
-        array = resize(array, size, size, "center_crop")
+        # train_controlnet.py: transforms.Resize(resolution, BILINEAR) then CenterCrop(resolution).
+        array = fit_image(array, size, size, "center_crop", "bilinear")
         return np.ascontiguousarray(array.transpose(2, 0, 1), dtype=np.float32) / 255.0

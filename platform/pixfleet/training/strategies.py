@@ -18,12 +18,13 @@ from typing import Any
 import torch
 
 from pixfleet.config.training import ControlNetTrainingArgs, DistributedConfig
+from pixfleet.errors import UserError
 
 DDP_STATE = "ddp_state.pt"
 DEEPSPEED_TAG = "deepspeed"
 
 
-class TrainingSetupError(RuntimeError):
+class TrainingSetupError(UserError, RuntimeError):
     """The requested setup cannot run here (e.g. 8-bit Adam without CUDA)."""
 
 

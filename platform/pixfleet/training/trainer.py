@@ -11,6 +11,7 @@ from pixfleet.cluster import ensure_ray
 from pixfleet.config import ConfigError
 from pixfleet.config.paths import looks_local
 from pixfleet.config.training import TrainingJobConfig
+from pixfleet.errors import UserError
 from pixfleet.models.loading import check_model_folder
 from pixfleet.tracking import mlflow_run
 from pixfleet.training.data import training_dataset
@@ -18,7 +19,7 @@ from pixfleet.training.loop import CONTROLNET_DIR, LoopInputs, max_train_steps, 
 from pixfleet.training.strategies import check_setup
 
 
-class TrainingFailed(RuntimeError):
+class TrainingFailed(UserError, RuntimeError):
     """The workers failed past `max_failures`; the reason is the last line of the worker error."""
 
 

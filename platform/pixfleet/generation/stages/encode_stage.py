@@ -1,30 +1,53 @@
 """Encode stage (CPU tasks): images -> PNG/JPEG/WebP bytes with their generation parameters.
 
-Needs: image, prompt, params, seed, sampler, status.
-Adds:  encoded (bytes; empty for rows that did not succeed), parameters (A1111 text).
-PNGs carry the A1111 `parameters` text chunk, so existing tools read how an image was made.
+Needs: image, prompt, params, seed, sampler, prompt_tokens, status.
+Adds:  encoded (bytes; empty for rows that did not succeed), parameters (A1111 text), width, height.
+Images carry the A1111 `parameters` text (a PNG text chunk; EXIF UserComment in JPEG and
+WebP, with the character-code prefix the EXIF standard asks for), so the tools that read
+A1111's images read how these were made: model and its hash, sampler, seed, and each
+ControlNet's model, preprocessor and resize mode as sd-webui-controlnet writes them.
 """
 
 from __future__ import annotations
 
 import io
 import json
+from pathlib import PurePath
 from typing import Any
 
 import pandas as pd
 from PIL import Image, PngImagePlugin
 
-from pixfleet.config import SinkConfig
-from pixfleet.generation import columns as C
+from pixfleet.config import PreprocessConfig, SinkConfig
+from pixfleet.config.paths import is_mlflow_uri, looks_local
+from pixfleet.engine import columns as C
+from pixfleet.models.identity import ModelIdentity, short_hash
 
 ENCODED = "encoded"
 PARAMETERS_TEXT = "parameters"
+# sd-webui-controlnet's names for the resize modes.
+_RESIZE_MODES = {"center_crop": "Crop and Resize", "resize": "Just Resize", "none": "Keep Size"}
+
+
+def model_name(model: str) -> str:
+    """How A1111 names a model: a local folder by its name, a hub id or registry URI as written."""
+    return PurePath(model).name if looks_local(model) and not is_mlflow_uri(model) else model
 
 
 def a1111_parameters(
-    prompt: str, params: dict[str, Any], seed: int, sampler: str, size: tuple[int, int], model: dict
+    prompt: str,
+    params: dict[str, Any],
+    seed: int,
+    sampler: str,
+    size: tuple[int, int],
+    model: ModelIdentity,
+    preprocess: PreprocessConfig,
+    truncated_tokens: int | None = None,
 ) -> str:
-    """The text A1111 writes: prompt, `Negative prompt:` line, then `Key: value` pairs."""
+    """The text A1111 writes: prompt, `Negative prompt:` line, then `Key: value` pairs.
+
+    `truncated_tokens` is the prompt's token count when the text encoder saw only its first ones.
+    """
     lines = [prompt]
     if params.get("negative_prompt"):
         lines.append(f"Negative prompt: {params['negative_prompt']}")
@@ -34,20 +57,44 @@ def a1111_parameters(
         "CFG scale": params["guidance_scale"],
         "Seed": seed,
         "Size": f"{size[0]}x{size[1]}",
-        "Model": model["base_model"],
+        "Model hash": short_hash(model.base_model_hash),
+        "Model": model_name(model.base_model),
     }
-    if model["task"] in ("controlnet_img2img", "controlnet_inpaint"):
+    if params.get("strength") is not None:
         pairs["Denoising strength"] = params["strength"]
-    if model["task"].endswith("pix2pix"):
+    if params.get("image_guidance_scale") is not None:
         pairs["Image CFG scale"] = params["image_guidance_scale"]
-    for i, controlnet in enumerate(model["controlnets"]):
-        pairs[f"ControlNet {i}"] = (
-            f'"Model: {controlnet}, Weight: {params["controlnet_conditioning_scale"][i]}, '
-            f"Guidance Start: {params['control_guidance_start'][i]}, "
-            f'Guidance End: {params["control_guidance_end"][i]}, Guess Mode: {params["guess_mode"]}"'
-        )
+    if truncated_tokens:
+        pairs |= {"Prompt tokens": truncated_tokens, "Prompt truncated": True}
+    for i, (controlnet, digest) in enumerate(zip(model.controlnets, model.controlnet_hashes, strict=True)):
+        control = preprocess.control[i if len(preprocess.control) > 1 else 0]
+        unit = {
+            "Module": control.detector,
+            "Model": f"{model_name(controlnet)} [{digest[:8]}]",
+            "Weight": params["controlnet_conditioning_scale"][i],
+            "Resize Mode": _RESIZE_MODES[preprocess.resize_mode],
+            "Resample": preprocess.resample,
+        }
+        if control.detector == "canny":
+            unit |= {"Threshold A": control.low_threshold, "Threshold B": control.high_threshold}
+        unit |= {
+            "Guidance Start": params["control_guidance_start"][i],
+            "Guidance End": params["control_guidance_end"][i],
+            "Guess Mode": params["guess_mode"],
+        }
+        pairs[f"ControlNet {i}"] = '"' + ", ".join(f"{k}: {v}" for k, v in unit.items()) + '"'
     lines.append(", ".join(f"{k}: {v}" for k, v in pairs.items()))
     return "\n".join(lines)
+
+
+def exif_with_parameters(text: str) -> bytes:
+    """EXIF whose UserComment holds `text` as A1111 writes it: type UNDEFINED, an 8-byte
+    character code ('UNICODE'), then UTF-16 (PIL cannot write that tag type itself)."""
+    import piexif
+    import piexif.helper
+
+    comment = piexif.helper.UserComment.dump(text, encoding="unicode")
+    return piexif.dump({"Exif": {piexif.ExifIFD.UserComment: comment}})
 
 
 def encode_image(image: Image.Image, config: SinkConfig, parameters: str) -> bytes:
@@ -58,8 +105,7 @@ def encode_image(image: Image.Image, config: SinkConfig, parameters: str) -> byt
         info.add_text(PARAMETERS_TEXT, parameters)
         image.save(buffer, format="PNG", pnginfo=info)
     else:
-        exif = Image.Exif()
-        exif.get_ifd(0x8769)[0x9286] = parameters  # Exif IFD, UserComment
+        exif = exif_with_parameters(parameters)
         image.save(buffer, format=config.image_format.upper(), quality=config.quality, exif=exif)
     return buffer.getvalue()
 
@@ -67,11 +113,12 @@ def encode_image(image: Image.Image, config: SinkConfig, parameters: str) -> byt
 class EncodeStage:
     """Callable for `map_batches(batch_format="pandas")`."""
 
-    needs = (C.IMAGE, C.PROMPT, C.PARAMS, C.SEED, "sampler", C.STATUS)
+    needs = (C.IMAGE, C.PROMPT, C.PARAMS, C.SEED, C.SAMPLER, C.PROMPT_TOKENS, C.PROMPT_TRUNCATED, C.STATUS)
 
-    def __init__(self, config: SinkConfig, model: dict[str, Any]):
+    def __init__(self, config: SinkConfig, model: ModelIdentity, preprocess: PreprocessConfig):
         self.config = config
         self.model = model
+        self.preprocess = preprocess
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         C.require_columns(batch, self.needs, "encode stage")
@@ -82,14 +129,22 @@ class EncodeStage:
                 texts.append("")
                 continue
             image = Image.fromarray(row[C.IMAGE])
+            truncated = row[C.PROMPT_TOKENS] if row[C.PROMPT_TRUNCATED] else None
             text = a1111_parameters(
                 row[C.PROMPT],
                 json.loads(row[C.PARAMS]),
                 row[C.SEED],
-                row["sampler"],
+                row[C.SAMPLER],
                 image.size,
                 self.model,
+                self.preprocess,
+                truncated,
             )
             encoded.append(encode_image(image, self.config, text))
             texts.append(text)
-        return batch.drop(columns=[C.IMAGE]).assign(**{ENCODED: encoded, PARAMETERS_TEXT: texts})
+        sizes = [image.shape[:2] for image in batch[C.IMAGE]]
+        return batch.drop(columns=[C.IMAGE]).assign(
+            **{ENCODED: encoded, PARAMETERS_TEXT: texts},
+            width=[width for _, width in sizes],
+            height=[height for height, _ in sizes],
+        )

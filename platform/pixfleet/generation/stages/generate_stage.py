@@ -1,9 +1,11 @@
 """Generate stage (actor pool, one loaded pipeline per actor): rows -> images.
 
 Needs: row_id, status, prompt, params, seed, source_ref and the task's image columns.
-Adds:  image (HWC uint8), image_index, sampler, generate_s; one output row per image, so a
-row asking `num_images_per_prompt=k` yields k rows. Failed and skipped rows pass through.
-The pipeline call itself is `PipelineRunner`'s, shared with serving.
+Adds:  image (HWC uint8), image_index, sampler, prompt_tokens, prompt_truncated, generate_s;
+one output row per image, so a row asking `num_images_per_prompt=k` yields k rows. Failed and
+skipped rows pass through. `generate_s` is each image's share of its pipeline call, so the
+column sums to the time the actor spent generating. The pipeline call itself is
+`PipelineRunner`'s, shared with serving.
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ import numpy as np
 import pandas as pd
 
 from pixfleet.config import ModelSpec
-from pixfleet.generation import columns as C
-from pixfleet.generation.images import empty_image
-from pixfleet.generation.runner import PipelineRunner, group_rows
+from pixfleet.engine import columns as C
+from pixfleet.engine.images import empty_image, one_line
+from pixfleet.engine.runner import PipelineRunner, group_rows
 
 
 class GenerateStage:
@@ -34,23 +36,27 @@ class GenerateStage:
         rows = batch.drop(columns=self.image_columns).to_dict("records")
         for row, images in zip(rows, batch[self.image_columns].to_dict("records"), strict=True):
             row.update(images)
-        outputs = [self._output(row, 0, empty_image(), 0.0) for row in rows if row[C.STATUS] != C.OK]
+        outputs = [self._output(row, 0, empty_image(), 0.0, 0) for row in rows if row[C.STATUS] != C.OK]
         for group in group_rows([row for row in rows if row[C.STATUS] == C.OK]):
             outputs += self._generate(group)
         return pd.DataFrame(outputs)
 
     def _generate(self, rows: list[dict]) -> list[dict]:
         n = json.loads(rows[0][C.PARAMS])["num_images_per_prompt"]
+        tokens = self.runner.prompt_tokens([row[C.PROMPT] for row in rows])
         start = time.perf_counter()
         try:
             images = self.runner.generate(rows)
         except Exception as error:  # the rows fail with the reason; the job goes on
-            reason = f"pipeline error: {type(error).__name__}: {error}".splitlines()[0]
-            return [self._output({**r, C.STATUS: C.FAILED, C.ERROR: reason}, 0, empty_image(), 0.0) for r in rows]
-        seconds = (time.perf_counter() - start) / len(rows)
-        return [self._output(row, k, images[i * n + k], seconds) for i, row in enumerate(rows) for k in range(n)]
+            reason = f"pipeline error: {one_line(error)}"
+            failed = [{**row, C.STATUS: C.FAILED, C.ERROR: reason} for row in rows]
+            return [self._output(row, 0, empty_image(), 0.0, count) for row, count in zip(failed, tokens, strict=True)]
+        share = (time.perf_counter() - start) / len(images)
+        return [
+            self._output(row, k, images[i * n + k], share, tokens[i]) for i, row in enumerate(rows) for k in range(n)
+        ]
 
-    def _output(self, row: dict, index: int, image: np.ndarray, seconds: float) -> dict[str, Any]:
+    def _output(self, row: dict, index: int, image: np.ndarray, seconds: float, tokens: int) -> dict[str, Any]:
         seed = row[C.SEED] + index if row[C.STATUS] == C.OK else row[C.SEED]
         return {
             C.ROW_ID: row[C.ROW_ID],
@@ -62,6 +68,8 @@ class GenerateStage:
             C.PARAMS: row[C.PARAMS],
             C.SEED: seed,
             C.IMAGE: image,
-            "sampler": self.runner.sampler,
+            C.SAMPLER: self.runner.sampler,
+            C.PROMPT_TOKENS: tokens,
+            C.PROMPT_TRUNCATED: tokens > self.runner.max_prompt_tokens,
             C.GENERATE_SECONDS: seconds,
         }

@@ -1,0 +1,70 @@
+"""Fitting images to the generation size and making control maps, as diffusers would.
+
+`fit_image` follows diffusers' `VaeImageProcessor.resize`: 'resize' is its default mode (a
+plain resize to width x height), 'center_crop' its 'crop' mode (scale to cover with the integer
+arithmetic of `_resize_and_crop`, then cut the center), and the filter is Lanczos unless the
+config says otherwise. 'none' keeps the image as it is: the pipeline itself then rounds the
+size down to its VAE's multiple (`PipelineRunner.working_size`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+
+from pixfleet.config import ControlPreprocessConfig
+
+ResizeMode = Literal["center_crop", "resize", "none"]
+Resample = Literal["lanczos", "bicubic", "bilinear", "nearest"]
+RESAMPLING = {
+    "lanczos": Image.Resampling.LANCZOS,
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+}
+
+
+def to_pil(array: np.ndarray) -> Image.Image:
+    """HWC uint8 array -> PIL image (L for one channel)."""
+    return Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+
+
+def from_pil(image: Image.Image) -> np.ndarray:
+    """PIL image -> HWC uint8 array (one channel for L)."""
+    array = np.asarray(image)
+    return array[:, :, None] if array.ndim == 2 else array
+
+
+def fit_pil(image: Image.Image, width: int, height: int, mode: ResizeMode, resample: Resample) -> Image.Image:
+    """`image` fitted to width x height by `mode` (see the module docstring)."""
+    if mode == "none" or image.size == (width, height):
+        return image
+    if mode == "resize":
+        return image.resize((width, height), resample=RESAMPLING[resample])
+    # Cover, then cut the center: the sizes and offsets of diffusers' `_resize_and_crop`.
+    if width / height > image.width / image.height:
+        scaled = (width, image.height * width // image.width)
+    else:
+        scaled = (image.width * height // image.height, height)
+    resized = image.resize(scaled, resample=RESAMPLING[resample])
+    left, top = scaled[0] // 2 - width // 2, scaled[1] // 2 - height // 2
+    return resized.crop((left, top, left + width, top + height))
+
+
+def fit_image(image: np.ndarray, width: int, height: int, mode: ResizeMode, resample: Resample) -> np.ndarray:
+    """`fit_pil` on an HWC uint8 array."""
+    if mode == "none":
+        return image
+    return from_pil(fit_pil(to_pil(image), width, height, mode, resample))
+
+
+def detect(image: np.ndarray, control: ControlPreprocessConfig) -> np.ndarray:
+    """An RGB image turned into a control map ('none' passes it through)."""
+    if control.detector == "none":
+        return image
+    import cv2
+
+    edges = cv2.Canny(image, control.low_threshold, control.high_threshold)
+    return np.repeat(edges[:, :, None], 3, axis=2)

@@ -1,0 +1,70 @@
+"""Write stage (CPU tasks): image files, then the batch's manifest part (see `sink` for the layout).
+
+Needs: row_id, image_index, status, error, source_ref, prompt, params, seed, sampler,
+       prompt_tokens, prompt_truncated, generate_s, encoded, width, height.
+Adds:  output_path; returns only the columns the driver counts (`sink.DRIVER_COLUMNS`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pixfleet.config import SinkConfig
+from pixfleet.engine import columns as C
+from pixfleet.generation.sink import DRIVER_COLUMNS, MANIFEST_SCHEMA, PARAM_COLUMNS, atomic_write, output_name
+from pixfleet.generation.stages.encode_stage import ENCODED
+from pixfleet.models.identity import ModelIdentity, short_hash
+
+
+class WriteStage:
+    """Callable for `map_batches(batch_format="pandas")`."""
+
+    needs = (C.ROW_ID, C.IMAGE_INDEX, C.STATUS, C.ERROR, C.SOURCE_REF, C.PARAMS, ENCODED, "width", "height")
+
+    def __init__(self, config: SinkConfig, model: ModelIdentity):
+        self.root = Path(config.output_dir)
+        self.extension = "jpg" if config.image_format == "jpeg" else config.image_format
+        self.model = json.dumps(model.as_dict(), sort_keys=True)
+        self.model_hash = short_hash(model.base_model_hash)
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        C.require_columns(batch, self.needs, "write stage")
+        records = []
+        for row in batch.to_dict("records"):
+            start = time.perf_counter()
+            params = json.loads(row[C.PARAMS]) if row[C.PARAMS] else {}
+            path = ""
+            if row[C.STATUS] == C.OK:
+                name = output_name(row[C.ROW_ID], row[C.IMAGE_INDEX], params["num_images_per_prompt"])
+                path = str(self.root / "images" / f"{name}.{self.extension}")
+                atomic_write(Path(path), row[ENCODED])
+            records.append(
+                {
+                    **{name: params.get(name) for name in PARAM_COLUMNS},
+                    **{name: row[name] for name in (C.ROW_ID, C.IMAGE_INDEX, C.STATUS, C.ERROR, C.SOURCE_REF)},
+                    **{name: row[name] for name in (C.PROMPT, C.SEED, C.SAMPLER, "width", "height")},
+                    C.PROMPT_TOKENS: row[C.PROMPT_TOKENS],
+                    C.PROMPT_TRUNCATED: row[C.PROMPT_TRUNCATED],
+                    C.OUTPUT_PATH: path,
+                    "model": self.model,
+                    "model_hash": self.model_hash,
+                    C.GENERATE_SECONDS: row[C.GENERATE_SECONDS],
+                    "write_s": time.perf_counter() - start,
+                }
+            )
+        written = [r for r in records if r[C.STATUS] != C.SKIPPED]
+        if written:
+            ids = "\n".join(sorted(f"{r[C.ROW_ID]}:{r[C.IMAGE_INDEX]}" for r in written))
+            digest = hashlib.sha256(ids.encode()).hexdigest()[:16]
+            table = pa.Table.from_pylist(written, schema=MANIFEST_SCHEMA)
+            sink = pa.BufferOutputStream()
+            pq.write_table(table, sink)
+            atomic_write(self.root / "manifest" / f"part-{digest}.parquet", sink.getvalue().to_pybytes())
+        return pd.DataFrame(records)[list(DRIVER_COLUMNS)]
