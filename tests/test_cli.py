@@ -11,6 +11,11 @@ from pixfleet.cli import app
 runner = CliRunner()
 
 
+def plain(output: str) -> str:
+    """Click's and rich's boxed, wrapped output as one line of words."""
+    return " ".join(output.translate({ord(c): " " for c in "│╭╮╰╯─"}).split())
+
+
 def test_make_tiny_writes_a_loadable_pipeline(tmp_path):
     result = runner.invoke(app, ["models", "make-tiny", "--task", "pix2pix", "--out", str(tmp_path / "p")])
     assert result.exit_code == 0, result.output
@@ -21,7 +26,7 @@ def test_make_tiny_writes_a_loadable_pipeline(tmp_path):
 def test_make_tiny_unknown_task_is_one_clear_line(tmp_path):
     result = runner.invoke(app, ["models", "make-tiny", "--task", "video", "--out", str(tmp_path)])
     assert result.exit_code == 2
-    assert "unknown task 'video'; known tasks: controlnet" in result.output
+    assert "'video' is not one of 'controlnet', 'controlnet_img2img', 'controlnet_inpaint'" in plain(result.output)
 
 
 def test_fill50k_command(tmp_path):
@@ -45,3 +50,43 @@ def test_train_with_bad_config_exits_2_naming_the_field(tmp_path):
     assert result.exit_code == 2
     assert "field 'train.resolutoin': unknown key" in result.output
     assert "field 'train.train_data_dir': path does not exist: ./missing" in result.output
+
+
+def test_config_show_prints_every_field_with_type_default_and_description():
+    result = runner.invoke(app, ["config", "show", "generate", "params.guidance_scale"])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == [
+        "params.guidance_scale: number (>= 0) or null = null",
+        "    Classifier-free guidance scale; unset uses the pipeline's own default.",
+    ]
+    serving = runner.invoke(app, ["config", "show", "serve", "models.N.batching"]).output
+    assert "models.N.batching.max_batch_size: integer (>= 1) = 4" in serving
+    assert (
+        "train.resolution: integer (>= 8, multiple of 8) = 512"
+        in runner.invoke(app, ["config", "show", "train"]).output
+    )
+    unknown = runner.invoke(app, ["config", "show", "generate", "params.stepz"])
+    assert unknown.exit_code == 2 and "generate config has no field 'params.stepz'" in unknown.output
+
+
+def test_config_validate_checks_a_file_without_running_it(project_dir, monkeypatch):
+    from tests.config.test_loading import PIPELINES_CFG
+
+    monkeypatch.chdir(project_dir)
+    ok = runner.invoke(app, ["config", "validate", str(PIPELINES_CFG / "serve_tiny.yaml")])
+    assert ok.exit_code == 0 and ok.output.strip().endswith("serve_tiny.yaml: a valid serve config"), ok.output
+    bad = runner.invoke(
+        app, ["config", "validate", str(PIPELINES_CFG / "train_tiny.yaml"), "--set", "train.resolution=70"]
+    )
+    assert bad.exit_code == 2 and "field 'train.resolution': Input should be a multiple of 8" in bad.output
+    listed = runner.invoke(
+        app, ["config", "validate", str(PIPELINES_CFG / "serve_tiny.yaml"), "--set", "models.1.num_gpus=-1"]
+    )
+    assert listed.exit_code == 2 and "field 'models.1.num_gpus': Input should be greater than or equal to 0" in (
+        listed.output
+    )
+
+
+def test_make_tiny_lists_the_tasks_in_its_help():
+    result = runner.invoke(app, ["models", "make-tiny", "--help"], env={"COLUMNS": "250"})
+    assert "<controlnet|controlnet_img2img|controlnet_inpaint|sdxl_controlnet|pix2pix|sdxl_pix2pix>" in result.output

@@ -10,16 +10,25 @@ from typing import Annotated
 import typer
 
 from pixfleet.errors import UserError
+from pixfleet.models.tasks import TASKS
 
 app = typer.Typer(help="Controlled image generation at dataset scale on Ray.", no_args_is_help=True)
 models_app = typer.Typer(help="Model utilities.", no_args_is_help=True)
 data_app = typer.Typer(help="Data set utilities.", no_args_is_help=True)
 jobs_app = typer.Typer(help="Jobs on a Ray cluster (the Ray Jobs API).", no_args_is_help=True)
+config_app = typer.Typer(help="The config files: every field, and a check without running.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
 app.add_typer(jobs_app, name="jobs")
+app.add_typer(config_app, name="config")
 
-SetOption = Annotated[list[str] | None, typer.Option("--set", help="Override a config field: a.b=value.")]
+ConfigKind = StrEnum("ConfigKind", {kind: kind for kind in ("generate", "train", "serve")})
+TaskName = StrEnum("TaskName", {task: task for task in TASKS})
+
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a config field: a.b=value, list items by index (models.0.num_gpus=1)."),
+]
 AddressOption = Annotated[
     str | None,
     typer.Option(help="Ray cluster address; unset uses $RAY_ADDRESS or an embedded local Ray."),
@@ -34,9 +43,43 @@ def _fail(message: str, code: int = UserError.exit_code) -> None:
     raise typer.Exit(code)
 
 
+@config_app.command("show")
+def config_show(
+    kind: Annotated[ConfigKind, typer.Argument(help="Which config.")],
+    field: Annotated[str | None, typer.Argument(help="A field or section, e.g. params or models.N.batching.")] = None,
+) -> None:
+    """Every field of a config with its type, default and description (N stands for a list index)."""
+    from pixfleet.config.describe import show
+
+    try:
+        typer.echo(show(kind.value, field))
+    except UserError as error:
+        _fail(str(error), error.exit_code)
+
+
+@config_app.command("validate")
+def config_validate(
+    config: Annotated[Path, typer.Argument(help="A generation, training or serving YAML.")],
+    set_: SetOption = None,
+) -> None:
+    """Check a config file (and its overrides) without running anything; exit 2 naming each problem."""
+    from pixfleet.config import load_config
+    from pixfleet.config.describe import KINDS, kind_of
+    from pixfleet.config.loading import read_config_data
+
+    try:
+        if not config.is_file():
+            raise UserError(f"config file not found: {config}")
+        kind = kind_of(read_config_data(config.read_text(), str(config)))
+        load_config(KINDS[kind], config, set_ or [])
+    except UserError as error:
+        _fail(str(error), error.exit_code)
+    typer.echo(f"{config}: a valid {kind} config")
+
+
 @models_app.command("make-tiny")
 def make_tiny(
-    task: Annotated[str, typer.Option(help="Task of the pipeline to build.")],
+    task: Annotated[TaskName, typer.Option(help="Task of the pipeline to build.")],
     out: Annotated[Path, typer.Option(help="Folder to save the pipeline in.")],
     controlnets: Annotated[int, typer.Option(help="Number of ControlNets (2+ = multi).")] = 1,
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
@@ -52,10 +95,10 @@ def make_tiny(
     from pixfleet.models.tiny import make_tiny_pipeline
 
     try:
-        make_tiny_pipeline(task, out, num_controlnets=controlnets, seed=seed, zero_convs=zero_convs)
+        make_tiny_pipeline(task.value, out, num_controlnets=controlnets, seed=seed, zero_convs=zero_convs)
     except ValueError as error:
         _fail(str(error))
-    typer.echo(f"saved tiny {task} pipeline to {out}")
+    typer.echo(f"saved tiny {task.value} pipeline to {out}")
 
 
 @data_app.command("fill50k")
@@ -86,6 +129,9 @@ def generate(
 ) -> None:
     """Run a bulk generation job on Ray Data.
 
+    Example: pixfleet generate pipelines_cfg/quickstart.yaml --set resources.batch_size=8
+
+    Every field: `pixfleet config show generate`; check a file: `pixfleet config validate FILE`.
     Exit codes: 0 done; 2 a config, source or model problem (nothing ran); 3 stopped past
     max_failed_fraction (rows written stay, rerun to resume); 130 interrupted.
     """
@@ -104,12 +150,28 @@ def generate(
 
 
 @app.command()
+def gallery(output_dir: Annotated[Path, typer.Argument(help="A generation job's sink.output_dir.")]) -> None:
+    """Write gallery.html (and pages after it) from the job's manifest.parquet: inputs, control
+    maps, outputs, prompts, seeds and failures side by side. Jobs write it when they end."""
+    from pixfleet.generation.gallery import write_gallery
+
+    if not (output_dir / "manifest.parquet").is_file():
+        _fail(f"{output_dir}: no manifest.parquet (not a generation job's output folder)")
+    typer.echo(f"wrote {write_gallery(output_dir)}")
+
+
+@app.command()
 def train(
     config: Annotated[Path, typer.Argument(help="Training job YAML.")],
     set_: SetOption = None,
     address: AddressOption = None,
 ) -> None:
-    """Fine-tune a ControlNet on Ray Train (DeepSpeed or DDP)."""
+    """Fine-tune a ControlNet on Ray Train (DeepSpeed or DDP).
+
+    Example: pixfleet train pipelines_cfg/train_tiny.yaml --set train.max_train_steps=80
+
+    Every field: `pixfleet config show train`; check a file: `pixfleet config validate FILE`.
+    """
     from pixfleet.config import load_config
     from pixfleet.config.training import TrainingJobConfig
     from pixfleet.training.trainer import run_training
@@ -138,7 +200,12 @@ def serve(
         Path | None, typer.Option(help="Write a Serve config for `serve deploy` here instead of serving.")
     ] = None,
 ) -> None:
-    """Serve models over HTTP on Ray Serve (blocks on an embedded Ray; returns on a cluster)."""
+    """Serve models over HTTP on Ray Serve (blocks on an embedded Ray; returns on a cluster).
+
+    Example: pixfleet serve pipelines_cfg/serve_tiny.yaml --set models.0.num_gpus=1
+
+    Every field: `pixfleet config show serve`; check a file: `pixfleet config validate FILE`.
+    """
     from pixfleet.config import load_config
     from pixfleet.config.serving import ServingConfig
     from pixfleet.serving import app as serving

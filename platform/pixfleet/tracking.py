@@ -1,4 +1,5 @@
-"""MLflow: one run per job, ended FAILED or KILLED (never left RUNNING) when interrupted."""
+"""MLflow: one run per job, ended FAILED or KILLED (never left RUNNING) when interrupted; and
+the duration format of the jobs' progress lines."""
 
 from __future__ import annotations
 
@@ -19,6 +20,14 @@ _MLFLOW_PARAM_LIMIT = 6000
 
 class JobInterrupted(KeyboardInterrupt):
     """SIGTERM, turned into an exception so runs end cleanly (like Ctrl-C)."""
+
+
+def format_duration(seconds: float) -> str:
+    """`42s`, `7m 08s`, `2h 05m`: for progress lines and ETAs."""
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m {seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 def tracking_uri(config: TrackingConfig) -> str:

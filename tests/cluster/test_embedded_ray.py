@@ -103,11 +103,8 @@ def test_the_embedded_ray_refuses_clients_without_its_token_and_dies_with_its_dr
         assert _gcs_status(info["gcs"], "not-the-token") == "UNAUTHENTICATED"
         assert _gcs_status(info["gcs"], token) == "OK"
         # The job agent, which would run code for whoever submits a job, and the runtime env agent.
-        agent = next(  # the agent's HTTP port among its listening ones
-            port
-            for port in _listening_ports(driver.pid, "ray::DashboardAgent")
-            if _status(f"http://{info['ip']}:{port}/api/local_raylet_healthz") == 200
-        )
+        assert JOB_AGENT_PORT in _listening_ports(driver.pid, "ray::DashboardAgent")
+        agent = JOB_AGENT_PORT
         jobs = f"http://{info['ip']}:{agent}/api/job_agent/jobs/"
         assert _status(jobs, data=b"{}") == 401
         assert _status(jobs, data=b"{}", token="not-the-token") == 403

@@ -150,6 +150,30 @@ def test_set_overrides_parse_values_as_yaml(tmp_path, project_dir):
     assert job.sink.image_format == "webp"
 
 
+def test_set_overrides_reach_list_items(project_dir, monkeypatch):
+    from pixfleet.config.serving import ServingConfig
+
+    monkeypatch.chdir(project_dir)
+    config = load_config(
+        ServingConfig,
+        PIPELINES_CFG / "serve_tiny.yaml",
+        [
+            "models.0.num_gpus=1",
+            "models.1.batching.max_batch_size=2",
+            "models.0.model.controlnets.0=./outputs/tiny/controlnet/controlnet",
+        ],
+    )
+    assert config.models[0].num_gpus == 1 and config.models[1].batching.max_batch_size == 2
+    job = load_config(
+        GenerationJobConfig,
+        PIPELINES_CFG / "quickstart.yaml",
+        ["model.controlnets.1=./outputs/tiny/controlnet/controlnet", "preprocess.control.0.detector=canny"],
+    )
+    assert job.model.num_controlnets == 2 and job.preprocess.control[0].detector == "canny"
+    with pytest.raises(ConfigError, match=r"'5' is not an index of the list \(0 to 1, or 2 to add an item\)"):
+        load_config(ServingConfig, PIPELINES_CFG / "serve_tiny.yaml", ["models.5.num_gpus=1"])
+
+
 def test_set_override_of_unknown_key_is_refused(tmp_path, project_dir):
     path = _write(tmp_path, project_dir, lambda d: None)
     with pytest.raises(ConfigError, match=r"field 'params\.stepz': unknown key"):

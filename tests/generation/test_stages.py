@@ -15,8 +15,9 @@ from PIL import Image
 
 from pixfleet.engine import columns as C
 from pixfleet.engine.params import derive_seed
-from pixfleet.generation.plan import decode_stage, image_columns
+from pixfleet.generation.plan import image_columns, job_fingerprint
 from pixfleet.generation.sources import ImageRoles
+from pixfleet.generation.stages.decode_stage import DecodeStage
 from pixfleet.generation.stages.generate_stage import GenerateStage
 from pixfleet.generation.stages.preprocess_stage import PreprocessStage
 from pixfleet.models.identity import ModelIdentity
@@ -34,9 +35,9 @@ def job_at_64(tiny_dir, task, tmp_path, **sections):
     return tiny_job(tiny_dir, task, tmp_path, tmp_path / "out", **sections)
 
 
-def stages(job, model: ModelIdentity | None = None):
+def stages(job):
     roles = ImageRoles.for_task(job.model.task, job.source, job.model.num_controlnets)
-    decode = decode_stage(job, roles.labels(folder=False), model or ModelIdentity.of(job.model), frozenset())
+    decode = DecodeStage(job, roles.labels(folder=False), job_fingerprint(job, ModelIdentity.of(job.model)))
     columns = image_columns(job)
     return decode, PreprocessStage(job.preprocess, columns), GenerateStage(job.model, columns)
 
@@ -374,3 +375,22 @@ def test_jpeg_and_webp_carry_the_parameters_in_a_standard_user_comment(tiny_dir,
     assert comment[:8] == b"UNICODE\0" and comment[8:].decode("utf-16-be") == text
     loaded = piexif.load(Image.open(io.BytesIO(data)).info["exif"])["Exif"][piexif.ExifIFD.UserComment]
     assert piexif.helper.UserComment.load(loaded) == text
+
+
+def test_the_plan_checks_every_stage_finds_its_columns(tiny_dir, tmp_path):
+    from pixfleet.generation.plan import SOURCE_COLUMNS, check_chain, plan_stages
+
+    job = job_at_64(tiny_dir, "controlnet", tmp_path)
+    labels = {"control_image_0": "conditioning_image"}
+    planned = plan_stages(job, labels, ModelIdentity.of(job.model), frozenset())
+    check_chain(planned, (*SOURCE_COLUMNS, *labels))
+    with pytest.raises(C.MissingColumnError, match=r"DecodeStage \(in the plan\) needs column\(s\) row_params"):
+        check_chain(planned, (C.ROW_ID, C.SOURCE_REF, C.LOAD_ERRORS, *labels))
+    assert [type(s.fn).__name__ if not isinstance(s.fn, type) else s.fn.__name__ for s in planned] == [
+        "DecodeStage",
+        "PreprocessStage",
+        "GenerateStage",
+        "EncodeStage",
+        "WriteStage",
+    ]
+    assert planned[2].options["num_cpus"] == job.resources.num_cpus_per_actor  # each stage owns its resources

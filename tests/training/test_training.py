@@ -226,21 +226,28 @@ def test_deepspeed_zero3_with_cpu_offload_saves_whole_weights(tiny_dir, train_da
 
 
 def test_sigterm_ends_the_training_run_killed(tiny_dir, train_data, tmp_path):
+    import re
     import signal
+    import threading
 
     job = train_job(tiny_dir, train_data, tmp_path, "ddp", max_train_steps=400, checkpointing_steps=400)
     driver = start_cli("train", write_job_yaml(job, tmp_path / "job.yaml"), tmp_path)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(line.decode() for line in driver.stdout), daemon=True)
+    reader.start()
     try:
         client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
         deadline = time.time() + 240
-        while time.time() < deadline:  # wait until training is under way
-            experiment = client.get_experiment_by_name("tests")
-            runs = client.search_runs(experiment.experiment_id) if experiment else []
-            if runs and client.get_metric_history(runs[0].info.run_id, "loss"):
-                break
+        # Under way: rank 0 printed its first step line (and logged the step to MLflow).
+        while not any(
+            re.search(r"step 1/400 \| loss \d\.\d{4} \| lr [\d.e+-]+ \| [\d.]+ samples/s", x) for x in lines
+        ):
+            assert driver.poll() is None and time.time() < deadline, "".join(lines)[-2000:]
             time.sleep(0.5)
         driver.send_signal(signal.SIGTERM)
-        output = driver.communicate(timeout=90)[0].decode()
+        driver.wait(timeout=90)
+        reader.join(timeout=10)
+        output = "".join(lines)
     finally:
         kill_group(driver)
 

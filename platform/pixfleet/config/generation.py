@@ -161,6 +161,9 @@ class SinkConfig(StrictModel):
     output_dir: str = Field("outputs/generate", description="Folder for images and manifest.")
     image_format: Literal["png", "jpeg", "webp"] = Field("png", description="Encoded format.")
     quality: int = Field(95, ge=1, le=100, description="JPEG/WebP quality.")
+    save_control_maps: bool = Field(
+        False, description="Also write each row's control maps (after detection) to control_maps/ as PNG."
+    )
 
 
 class ResourcesConfig(StrictModel):

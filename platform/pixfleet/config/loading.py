@@ -18,19 +18,60 @@ class ConfigError(UserError, ValueError):
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Set each `dotted.key=value` in `data`; values are parsed as YAML (`3`, `true`, `[1, 2]`)."""
+    """Set each `dotted.key=value` in `data`; values are parsed as YAML (`3`, `true`, `[1, 2]`).
+
+    A number in the path indexes a list (`models.0.num_gpus=1`); one past the end appends
+    (`model.controlnets.1=./depth`). A library for this (OmegaConf) would also read `${...}`
+    in any value, prompts included, as an interpolation, so overrides stay this small loop.
+    """
     for override in overrides:
         key, sep, raw = override.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {override!r}: expected key=value")
-        node = data
         *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {override!r}: {part!r} is not a section")
-        node[leaf] = yaml.safe_load(raw)
+        node = data
+        for depth, part in enumerate(parents):
+            node = _child(node, part, parents[depth + 1] if depth + 1 < len(parents) else leaf, override)
+        _assign(node, leaf, yaml.safe_load(raw), override)
     return data
+
+
+def _child(node: dict | list, part: str, next_part: str, override: str) -> dict | list:
+    """The section `part` of `node`, created (as a list when the next part is a number) if absent."""
+    empty = [] if next_part.isdigit() else {}
+    if isinstance(node, list):
+        index = _index(node, part, override, appending=True)
+        if index == len(node):
+            node.append(empty)
+        child = node[index]
+    elif isinstance(node, dict):
+        if node.get(part) is None:
+            node[part] = empty
+        child = node[part]
+    else:
+        raise ConfigError(f"--set {override!r}: {part!r} is not a section")
+    if not isinstance(child, dict | list):
+        raise ConfigError(f"--set {override!r}: {part!r} is not a section")
+    return child
+
+
+def _assign(node: dict | list, leaf: str, value: Any, override: str) -> None:
+    if isinstance(node, list):
+        index = _index(node, leaf, override, appending=True)
+        node[index : index + 1] = [value]
+    elif isinstance(node, dict):
+        node[leaf] = value
+    else:
+        raise ConfigError(f"--set {override!r}: {leaf!r} is not in a section")
+
+
+def _index(items: list, part: str, override: str, appending: bool) -> int:
+    if not part.isdigit() or int(part) > len(items) - (0 if appending else 1):
+        allowed = f"0 to {len(items) - 1}, or " if items else ""
+        raise ConfigError(
+            f"--set {override!r}: {part!r} is not an index of the list ({allowed}{len(items)} to add an item)"
+        )
+    return int(part)
 
 
 def describe_errors(errors: list[dict[str, Any]]) -> list[tuple[str, str]]:

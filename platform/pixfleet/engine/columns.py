@@ -11,6 +11,8 @@ ROW_ID = "row_id"  # stable id: from the source, or a hash (see params.row_id_fo
 SOURCE_REF = "source_ref"  # where the row came from, for error messages ("file.jsonl:12")
 ROW_PARAMS = "row_params"  # JSON of the row's own prompt and parameters, as the source gave them
 LOAD_ERRORS = "load_errors"  # JSON: image column -> why the source gave no bytes for it
+INPUT_FILES = "input_files"  # JSON list: the file each image column came from ("" for embedded bytes)
+CONTROL_MAPS = "control_maps"  # the control maps written beside the outputs (sink.save_control_maps)
 PROMPT = "prompt"
 SOURCE_IMAGE = "source_image"  # image edited by img2img, inpaint, pix2pix
 MASK_IMAGE = "mask_image"  # inpaint mask, white = repaint
@@ -18,6 +20,7 @@ PARAMS = "params"  # JSON of the row's resolved GenerationParams (+ seed)
 STATUS = "status"  # "ok", "failed" or "skipped" (already written by an earlier run)
 ERROR = "error"  # one-line reason when failed
 IMAGE = "image"  # generated image, HWC uint8
+WIDTH, HEIGHT = "width", "height"  # of the generated image
 IMAGE_INDEX = "image_index"  # k-th image of the row (num_images_per_prompt)
 SEED = "seed"
 SAMPLER = "sampler"  # the scheduler, by the name A1111 writes

@@ -28,14 +28,19 @@ _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 def resolve_params(
-    defaults: GenerationParams, overrides: Mapping[str, Any], task: str, num_controlnets: int
+    defaults: GenerationParams,
+    overrides: Mapping[str, Any],
+    task: str,
+    num_controlnets: int,
+    pipeline_defaults: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Config defaults overridden by the row's own values, validated, with every unset value
     taken from the task's pipeline; RowError naming the parameter when one cannot work.
 
     Per-ControlNet values become lists of `num_controlnets` floats, so every row has the same
     shape of parameters; parameters the task does not take are None, and a row that sets one
-    is refused rather than silently ignored.
+    is refused rather than silently ignored. `pipeline_defaults` (`pipeline_call_defaults(task)`,
+    read once where diffusers is imported anyway) spares light workers importing it.
     """
     unused = unused_parameters(task, given_parameters(overrides))
     if unused:
@@ -46,7 +51,7 @@ def resolve_params(
         field, message = describe_errors(error.errors())[0]
         raise RowError(f"parameter {field}: {message}") from None
     resolved = params.model_dump()
-    pipeline_defaults = pipeline_call_defaults(task)
+    pipeline_defaults = pipeline_call_defaults(task) if pipeline_defaults is None else pipeline_defaults
     taken = task_info(task).parameters
     for name, value in resolved.items():
         if name not in taken:

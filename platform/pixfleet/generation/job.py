@@ -1,4 +1,5 @@
-"""Run a generation job: check inputs, resume, stream the plan, show progress, track, summarise."""
+"""Run a generation job: check inputs, resume, stream the plan, show progress, track, summarise,
+and write the gallery."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pixfleet.cluster import ensure_ray
 from pixfleet.config import GenerationJobConfig
 from pixfleet.engine import columns as C
 from pixfleet.errors import UserError
+from pixfleet.generation.gallery import write_gallery
 from pixfleet.generation.plan import build_plan
 from pixfleet.generation.progress import Counts, ProgressLine
 from pixfleet.generation.sink import Manifest
@@ -60,6 +62,7 @@ class GenerationSummary(Counts):
             f"generation time    {self.generate_seconds:.1f} s summed over actors",
             f"accelerator-hours  {self.accelerator_hours:.4f} (generation time x GPUs per actor)",
             f"output             {self.output_dir}",
+            f"gallery            {Path(self.output_dir) / 'gallery.html'}",
             f"mlflow run         {self.mlflow_run_id or '-'}",
         ]
         lines += [f"  failed: {failure}" for failure in self.failures[:SHOWN_FAILURES]]
@@ -115,8 +118,10 @@ def run_generation(
             summary.seconds = time.perf_counter() - start
             progress.close(summary)
             merged = manifest.merge()
+            gallery = write_gallery(job.sink.output_dir)
             if mlflow:
                 _log_run(mlflow, summary, merged, job)
+                mlflow.log_artifact(str(gallery))
     return summary
 
 

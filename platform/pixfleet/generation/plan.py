@@ -7,8 +7,8 @@
     encode      PNG/JPEG/WebP bytes + A1111 parameters     (CPU tasks)
     write       image files + manifest part per batch      (CPU tasks, fused with encode)
 
-Stages ask for different CPU amounts so Ray keeps them apart, and for fractions of a CPU so
-reads still get scheduled while actors hold theirs (else Ray Data waits forever).
+Each stage plans itself (`PlannedStage`: its columns and its Ray resources); this module
+chains them and checks, before anything runs, that every stage finds the columns it needs.
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ import json
 import ray.data
 
 from pixfleet.config import GenerationJobConfig
+from pixfleet.engine import columns as C
 from pixfleet.generation.sources import ImageRoles, Source
+from pixfleet.generation.stages import PlannedStage
 from pixfleet.generation.stages.decode_stage import DecodeStage
 from pixfleet.generation.stages.encode_stage import EncodeStage
 from pixfleet.generation.stages.generate_stage import GenerateStage
@@ -26,7 +28,7 @@ from pixfleet.generation.stages.preprocess_stage import PreprocessStage
 from pixfleet.generation.stages.write_stage import WriteStage
 from pixfleet.models.identity import ModelIdentity
 
-_LIGHT_CPU = 0.1
+SOURCE_COLUMNS = (C.ROW_ID, C.SOURCE_REF, C.ROW_PARAMS, C.LOAD_ERRORS, C.INPUT_FILES)
 
 
 def image_columns(job: GenerationJobConfig) -> list[str]:
@@ -47,49 +49,37 @@ def job_fingerprint(job: GenerationJobConfig, model: ModelIdentity) -> str:
     )
 
 
-def decode_stage(
-    job: GenerationJobConfig, image_labels: dict[str, str], model: ModelIdentity, finished: frozenset[str]
-) -> DecodeStage:
-    return DecodeStage(
-        job.model.task,
-        image_labels,
-        job.params,
-        job.model.num_controlnets,
-        job_fingerprint(job, model),
-        job.seed,
-        job.preprocess.max_image_pixels,
-        finished,
-    )
+def plan_stages(
+    job: GenerationJobConfig, image_labels: dict[str, str], model: ModelIdentity, finished_row_ids: frozenset[str]
+) -> list[PlannedStage]:
+    """The stages in order, each with its Ray options; `image_labels` maps the task's image
+    columns to the names messages use."""
+    columns = list(image_labels)
+    return [
+        DecodeStage.plan(job, image_labels, job_fingerprint(job, model), finished_row_ids),
+        PreprocessStage.plan(job.preprocess, columns, job.resources, job.sink),
+        GenerateStage.plan(job.model, columns, job.resources),
+        EncodeStage.plan(job.sink, model, job.preprocess),
+        WriteStage.plan(job.sink, model, job.model.num_controlnets),
+    ]
+
+
+def check_chain(stages: list[PlannedStage], available: tuple[str, ...]) -> None:
+    """MissingColumnError naming the first stage whose input columns no earlier step adds."""
+    have = set(available)
+    for stage in stages:
+        name = getattr(stage.fn, "__name__", type(stage.fn).__name__)
+        C.require_columns(dict.fromkeys(have), stage.needs, f"{name} (in the plan)")
+        have |= set(stage.adds)
 
 
 def build_plan(
     job: GenerationJobConfig, source: Source, model: ModelIdentity, finished_row_ids: frozenset[str]
 ) -> ray.data.Dataset:
     """The lazy dataset of manifest rows; iterating it runs the job."""
-    columns = list(source.image_labels)
-    res = job.resources
-
-    decode = decode_stage(job, source.image_labels, model, finished_row_ids)
-    ds = source.dataset.map_batches(decode, batch_format="pandas", num_cpus=_LIGHT_CPU)
-    ds = ds.map_batches(
-        PreprocessStage,
-        fn_constructor_args=(job.preprocess, columns),
-        batch_format="pandas",
-        batch_size=res.batch_size,
-        num_cpus=res.num_cpus_per_preprocess,
-        compute=ray.data.ActorPoolStrategy(size=res.preprocess_actors),
-    )
-    generate_env = {"env_vars": {"OMP_NUM_THREADS": str(res.torch_threads)}} if res.torch_threads else None
-    ds = ds.map_batches(
-        GenerateStage,
-        fn_constructor_args=(job.model, columns),
-        batch_format="pandas",
-        batch_size=res.batch_size,
-        num_cpus=res.num_cpus_per_actor,
-        num_gpus=res.num_gpus_per_actor,
-        compute=ray.data.ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors),
-        runtime_env=generate_env,
-    )
-    ds = ds.map_batches(EncodeStage(job.sink, model, job.preprocess), batch_format="pandas", num_cpus=_LIGHT_CPU * 2)
-    ds = ds.map_batches(WriteStage(job.sink, model), batch_format="pandas", num_cpus=_LIGHT_CPU * 2)
-    return ds
+    stages = plan_stages(job, source.image_labels, model, finished_row_ids)
+    check_chain(stages, (*SOURCE_COLUMNS, *source.image_labels))
+    dataset = source.dataset
+    for stage in stages:
+        dataset = dataset.map_batches(stage.fn, batch_format="pandas", **stage.options)
+    return dataset

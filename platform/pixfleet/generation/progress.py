@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+from pixfleet.tracking import format_duration
+
 
 @dataclass
 class Counts:
@@ -28,13 +30,6 @@ class Counts:
     @property
     def rows_done(self) -> int:
         return self.rows_ok + self.rows_failed + self.rows_skipped
-
-
-def format_duration(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m {seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 class ProgressLine:

@@ -4,6 +4,7 @@ The write side is `stages/write_stage.py`; this module holds the layout and the 
 
 Layout under `output_dir`:
   images/<row_id>[_<k>].<ext>      written atomically (temp file + rename)
+  control_maps/<row_id>_<i>.png    the maps fed to ControlNet i, with sink.save_control_maps
   manifest/part-<digest>.parquet   one per written batch, after its images; the name derives
                                    from the batch's row ids, so a retried batch replaces its part
   manifest.parquet                 all parts merged at the end of a run
@@ -32,11 +33,13 @@ MANIFEST_SCHEMA = pa.schema(
         (C.ERROR, pa.string()),
         (C.OUTPUT_PATH, pa.string()),
         (C.SOURCE_REF, pa.string()),
+        (C.INPUT_FILES, pa.list_(pa.string())),  # the input image files, "" for embedded bytes
+        (C.CONTROL_MAPS, pa.list_(pa.string())),
         (C.PROMPT, pa.string()),
         ("negative_prompt", pa.string()),
         (C.SEED, pa.int64()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
+        (C.WIDTH, pa.int32()),
+        (C.HEIGHT, pa.int32()),
         ("num_inference_steps", pa.int32()),
         ("guidance_scale", pa.float64()),
         ("image_guidance_scale", pa.float64()),
@@ -92,6 +95,10 @@ def atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def control_map_path(config: SinkConfig, row_id: str, index: int) -> Path:
+    return Path(config.output_dir) / "control_maps" / f"{row_id}_{index}.png"
 
 
 def output_name(row_id: str, image_index: int, num_images: int) -> str:

@@ -257,6 +257,11 @@ class _LoadImageFiles:
                     errors[i][canonical] = str(error)
             out[canonical] = images
         out[C.LOAD_ERRORS] = [json.dumps(e) for e in errors]
+        cells = table[list(dict.fromkeys(self.image_columns.values()))].to_dict("records")
+        out[C.INPUT_FILES] = [
+            json.dumps([row[c] if isinstance(row[c], str) else "" for c in self.image_columns.values()])
+            for row in cells
+        ]
         return out
 
 
@@ -284,4 +289,5 @@ class _WebDatasetRows:
             row_params({k: v for k, v in m.items() if k in wanted}, self.prompt_column) for m in metadata
         ]
         out[C.LOAD_ERRORS] = [json.dumps(e) for e in errors]
+        out[C.INPUT_FILES] = json.dumps([""] * len(self.image_columns))  # the files are inside the shards
         return out

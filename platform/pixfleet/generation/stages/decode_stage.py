@@ -1,6 +1,6 @@
 """Decode stage (CPU tasks): image bytes -> arrays, per-row parameters, row ids and seeds.
 
-Needs: row_id, source_ref, row_params, load_errors, the task's image columns (bytes).
+Needs: row_id, source_ref, row_params, load_errors, input_files, the task's image columns (bytes).
 Adds:  params (JSON), prompt, seed, status, error; image columns become HWC uint8 arrays.
 A row whose image or parameter is bad is marked failed with a one-line reason naming the
 user's column; a row whose id an earlier run already wrote is marked skipped. Neither carries
@@ -15,43 +15,55 @@ from typing import Any
 
 import pandas as pd
 
-from pixfleet.config import GenerationParams
+from pixfleet.config import GenerationJobConfig
 from pixfleet.engine import columns as C
 from pixfleet.engine.images import RowError, decode_image, empty_image
-from pixfleet.engine.params import check_row_id, derive_seed, input_key, resolve_params, row_id_for
+from pixfleet.engine.params import (
+    check_row_id,
+    derive_seed,
+    input_key,
+    pipeline_call_defaults,
+    resolve_params,
+    row_id_for,
+)
+from pixfleet.generation.stages import LIGHT_CPU, PlannedStage
 
 
 class DecodeStage:
-    """Callable for `map_batches(batch_format="pandas")`."""
+    """Callable for `map_batches(batch_format="pandas")`, run as tasks."""
 
     def __init__(
         self,
-        task: str,
+        job: GenerationJobConfig,
         image_labels: dict[str, str],
-        defaults: GenerationParams,
-        num_controlnets: int,
         job_fingerprint: str,
-        job_seed: int,
-        max_image_pixels: int,
         finished_row_ids: frozenset[str] = frozenset(),
     ):
-        self.task = task
+        self.task = job.model.task
         self.image_labels = image_labels  # canonical image column -> the user's name for it
         self.image_columns = list(image_labels)
-        self.defaults = defaults
-        self.num_controlnets = num_controlnets
+        self.defaults = job.params
+        # Read here, on the driver: the tasks then never import diffusers.
+        self.pipeline_defaults = pipeline_call_defaults(self.task)
+        self.num_controlnets = job.model.num_controlnets
         self.job_fingerprint = job_fingerprint
-        self.job_seed = job_seed
-        self.max_image_pixels = max_image_pixels
+        self.job_seed = job.seed
+        self.max_image_pixels = job.preprocess.max_image_pixels
         self.finished_row_ids = finished_row_ids
-        self.needs = [C.ROW_ID, C.SOURCE_REF, C.ROW_PARAMS, C.LOAD_ERRORS, *self.image_columns]
+        self.needs = (C.ROW_ID, C.SOURCE_REF, C.ROW_PARAMS, C.LOAD_ERRORS, C.INPUT_FILES, *self.image_columns)
+
+    @classmethod
+    def plan(cls, *args, **kwargs) -> PlannedStage:
+        stage = cls(*args, **kwargs)
+        adds = (C.PARAMS, C.PROMPT, C.SEED, C.STATUS, C.ERROR)
+        return PlannedStage(stage, stage.needs, adds, {"num_cpus": LIGHT_CPU})
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         C.require_columns(batch, self.needs, "decode stage")
         return pd.DataFrame([self._decode_row(row) for row in batch.to_dict("records")])
 
     def _decode_row(self, row: dict[str, Any]) -> dict[str, Any]:
-        out = {C.SOURCE_REF: row[C.SOURCE_REF], C.STATUS: C.OK, C.ERROR: ""}
+        out = {C.SOURCE_REF: row[C.SOURCE_REF], C.INPUT_FILES: row[C.INPUT_FILES], C.STATUS: C.OK, C.ERROR: ""}
         own = json.loads(row[C.ROW_PARAMS])
         raw_images = [row[c] for c in self.image_columns]
         has_content = all(raw_images)
@@ -59,7 +71,7 @@ class DecodeStage:
         out[C.ROW_ID] = row[C.ROW_ID] or row_id_for(key, self.job_fingerprint)
         try:
             row_id = check_row_id(out[C.ROW_ID])
-            params = resolve_params(self.defaults, own, self.task, self.num_controlnets)
+            params = resolve_params(self.defaults, own, self.task, self.num_controlnets, self.pipeline_defaults)
             if row_id in self.finished_row_ids:
                 return self._without_images({**out, C.STATUS: C.SKIPPED}, params)
             load_errors = json.loads(row[C.LOAD_ERRORS])

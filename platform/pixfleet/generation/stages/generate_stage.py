@@ -16,11 +16,22 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import ray.data
 
-from pixfleet.config import ModelSpec
+from pixfleet.config import ModelSpec, ResourcesConfig
 from pixfleet.engine import columns as C
 from pixfleet.engine.images import empty_image, one_line
 from pixfleet.engine.runner import PipelineRunner, group_rows
+from pixfleet.generation.stages import PlannedStage
+
+ADDS = (
+    C.IMAGE,
+    C.IMAGE_INDEX,
+    C.SAMPLER,
+    C.PROMPT_TOKENS,
+    C.PROMPT_TRUNCATED,
+    C.GENERATE_SECONDS,
+)
 
 
 class GenerateStage:
@@ -30,6 +41,20 @@ class GenerateStage:
         self.runner = PipelineRunner.load(spec)
         self.image_columns = image_columns
         self.needs = [C.ROW_ID, C.STATUS, C.PROMPT, C.PARAMS, C.SEED, C.SOURCE_REF, *image_columns]
+
+    @classmethod
+    def plan(cls, spec: ModelSpec, image_columns: list[str], resources: ResourcesConfig) -> PlannedStage:
+        threads = {"env_vars": {"OMP_NUM_THREADS": str(resources.torch_threads)}} if resources.torch_threads else None
+        options = {
+            "fn_constructor_args": (spec, image_columns),
+            "batch_size": resources.batch_size,
+            "num_cpus": resources.num_cpus_per_actor,
+            "num_gpus": resources.num_gpus_per_actor,
+            "compute": ray.data.ActorPoolStrategy(min_size=resources.min_actors, max_size=resources.max_actors),
+            "runtime_env": threads,
+        }
+        needs = (C.ROW_ID, C.STATUS, C.PROMPT, C.PARAMS, C.SEED, C.SOURCE_REF, C.INPUT_FILES, *image_columns)
+        return PlannedStage(cls, needs, ADDS, options)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         C.require_columns(batch, self.needs, "generate stage")
@@ -62,6 +87,7 @@ class GenerateStage:
             C.ROW_ID: row[C.ROW_ID],
             C.IMAGE_INDEX: index,
             C.SOURCE_REF: row[C.SOURCE_REF],
+            C.INPUT_FILES: row[C.INPUT_FILES],
             C.STATUS: row[C.STATUS],
             C.ERROR: row[C.ERROR],
             C.PROMPT: row[C.PROMPT],

@@ -1,8 +1,9 @@
 """Write stage (CPU tasks): image files, then the batch's manifest part (see `sink` for the layout).
 
-Needs: row_id, image_index, status, error, source_ref, prompt, params, seed, sampler,
-       prompt_tokens, prompt_truncated, generate_s, encoded, width, height.
-Adds:  output_path; returns only the columns the driver counts (`sink.DRIVER_COLUMNS`).
+Needs: row_id, image_index, status, error, source_ref, input_files, prompt, params, seed,
+       sampler, prompt_tokens, prompt_truncated, generate_s, encoded, width, height.
+Adds:  output_path (and control_maps in the manifest); returns only the columns the driver
+       counts (`sink.DRIVER_COLUMNS`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,15 @@ import pyarrow.parquet as pq
 
 from pixfleet.config import SinkConfig
 from pixfleet.engine import columns as C
-from pixfleet.generation.sink import DRIVER_COLUMNS, MANIFEST_SCHEMA, PARAM_COLUMNS, atomic_write, output_name
+from pixfleet.generation.sink import (
+    DRIVER_COLUMNS,
+    MANIFEST_SCHEMA,
+    PARAM_COLUMNS,
+    atomic_write,
+    control_map_path,
+    output_name,
+)
+from pixfleet.generation.stages import LIGHT_CPU, PlannedStage
 from pixfleet.generation.stages.encode_stage import ENCODED
 from pixfleet.models.identity import ModelIdentity, short_hash
 
@@ -26,13 +35,36 @@ from pixfleet.models.identity import ModelIdentity, short_hash
 class WriteStage:
     """Callable for `map_batches(batch_format="pandas")`."""
 
-    needs = (C.ROW_ID, C.IMAGE_INDEX, C.STATUS, C.ERROR, C.SOURCE_REF, C.PARAMS, ENCODED, "width", "height")
+    needs = (
+        C.ROW_ID,
+        C.IMAGE_INDEX,
+        C.STATUS,
+        C.ERROR,
+        C.SOURCE_REF,
+        C.INPUT_FILES,
+        C.PROMPT,
+        C.PARAMS,
+        C.SEED,
+        C.SAMPLER,
+        C.PROMPT_TOKENS,
+        C.PROMPT_TRUNCATED,
+        C.GENERATE_SECONDS,
+        ENCODED,
+        C.WIDTH,
+        C.HEIGHT,
+    )
 
-    def __init__(self, config: SinkConfig, model: ModelIdentity):
+    def __init__(self, config: SinkConfig, model: ModelIdentity, num_controlnets: int):
+        self.config = config
+        self.control_maps = num_controlnets if config.save_control_maps else 0
         self.root = Path(config.output_dir)
         self.extension = "jpg" if config.image_format == "jpeg" else config.image_format
         self.model = json.dumps(model.as_dict(), sort_keys=True)
         self.model_hash = short_hash(model.base_model_hash)
+
+    @classmethod
+    def plan(cls, *args) -> PlannedStage:
+        return PlannedStage(cls(*args), cls.needs, (C.OUTPUT_PATH,), {"num_cpus": 2 * LIGHT_CPU})
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         C.require_columns(batch, self.needs, "write stage")
@@ -40,19 +72,22 @@ class WriteStage:
         for row in batch.to_dict("records"):
             start = time.perf_counter()
             params = json.loads(row[C.PARAMS]) if row[C.PARAMS] else {}
-            path = ""
+            path, control_maps = "", []
             if row[C.STATUS] == C.OK:
                 name = output_name(row[C.ROW_ID], row[C.IMAGE_INDEX], params["num_images_per_prompt"])
                 path = str(self.root / "images" / f"{name}.{self.extension}")
                 atomic_write(Path(path), row[ENCODED])
+                control_maps = [str(control_map_path(self.config, row[C.ROW_ID], i)) for i in range(self.control_maps)]
             records.append(
                 {
                     **{name: params.get(name) for name in PARAM_COLUMNS},
                     **{name: row[name] for name in (C.ROW_ID, C.IMAGE_INDEX, C.STATUS, C.ERROR, C.SOURCE_REF)},
-                    **{name: row[name] for name in (C.PROMPT, C.SEED, C.SAMPLER, "width", "height")},
+                    **{name: row[name] for name in (C.PROMPT, C.SEED, C.SAMPLER, C.WIDTH, C.HEIGHT)},
                     C.PROMPT_TOKENS: row[C.PROMPT_TOKENS],
                     C.PROMPT_TRUNCATED: row[C.PROMPT_TRUNCATED],
                     C.OUTPUT_PATH: path,
+                    C.INPUT_FILES: json.loads(row[C.INPUT_FILES]),
+                    C.CONTROL_MAPS: control_maps,
                     "model": self.model,
                     "model_hash": self.model_hash,
                     C.GENERATE_SECONDS: row[C.GENERATE_SECONDS],

@@ -1,0 +1,124 @@
+"""A static HTML gallery of a generation job, from its `manifest.parquet`.
+
+One row per input row: its input images, its control maps (with `sink.save_control_maps`),
+its outputs, prompt, seed and parameters; failed rows show their reason. Pages of
+`PAGE_ROWS` rows (`gallery.html`, `gallery-2.html`, ...) link to each other, and images load
+lazily, so 100,000 rows stay usable. Image paths are relative to the output folder, which can
+be moved or served as it is.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from pixfleet.engine import columns as C
+
+PAGE_ROWS = 200
+EAGER_ROWS = 12  # the first rows of a page load at once, the rest as they scroll into view
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 1.5em; }
+table { border-collapse: collapse; }
+td, th { border-bottom: 1px solid #ddd; padding: 6px; vertical-align: top; text-align: left; }
+img { max-width: 160px; max-height: 160px; margin: 2px; background: #eee; }
+.failed { background: #fff2f2; }
+.params { font-family: monospace; font-size: 12px; max-width: 360px; word-break: break-word; }
+nav a { margin-right: 1em; }
+#broken { color: #b00; }
+"""
+# Counts the images that loaded and those that did not (a moved output folder, a missing file),
+# on the page and in body's data attributes, where a test or a script can read them.
+_CHECK_IMAGES = """
+window.addEventListener("load", () => {
+  const images = [...document.images];
+  const loaded = images.filter((i) => i.complete && i.naturalWidth > 0).length;
+  const broken = images.filter((i) => i.complete && i.naturalWidth === 0).length;
+  document.body.dataset.imagesLoaded = loaded;
+  document.body.dataset.imagesBroken = broken;
+  if (broken) document.getElementById("broken").textContent = broken + " images did not load";
+});
+"""
+
+
+def page_name(number: int) -> str:
+    return "gallery.html" if number == 1 else f"gallery-{number}.html"
+
+
+def write_gallery(output_dir: str | Path) -> Path:
+    """Write the gallery pages of `output_dir` from its manifest; the path of the first page."""
+    root = Path(output_dir)
+    manifest = pd.read_parquet(root / "manifest.parquet")
+    rows = _rows(manifest)
+    pages = max(1, -(-len(rows) // PAGE_ROWS))
+    for number in range(1, pages + 1):
+        chunk = rows[(number - 1) * PAGE_ROWS : number * PAGE_ROWS]
+        (root / page_name(number)).write_text(_page(root, chunk, number, pages, len(rows)))
+    for stale in root.glob("gallery-*.html"):  # from an earlier, longer run
+        if int(stale.stem.rsplit("-", 1)[1]) > pages:
+            stale.unlink()
+    return root / page_name(1)
+
+
+def _rows(manifest: pd.DataFrame) -> list[dict]:
+    """One entry per input row, its images gathered, failed rows last."""
+    rows = []
+    for _, images in manifest.sort_values([C.ROW_ID, C.IMAGE_INDEX]).groupby(C.ROW_ID, sort=False):
+        first = images.iloc[0].to_dict()
+        first["outputs"] = [p for p in images[C.OUTPUT_PATH] if p]
+        first["seeds"] = list(images[C.SEED])
+        rows.append(first)
+    return sorted(rows, key=lambda r: (r[C.STATUS] != C.OK, _natural(r[C.SOURCE_REF])))
+
+
+def _natural(text: str) -> list:
+    """`rows.jsonl:9` before `rows.jsonl:10`."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def _page(root: Path, rows: list[dict], number: int, pages: int, total: int) -> str:
+    nav = "".join(
+        f'<a href="{page_name(n)}">{label}</a>'
+        for n, label in ((1, "first"), (number - 1, "previous"), (number + 1, "next"), (pages, "last"))
+        if 1 <= n <= pages and n != number
+    )
+    body = "\n".join(_row(root, row, index < EAGER_ROWS) for index, row in enumerate(rows))
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>pixfleet gallery {number}/{pages}</title><style>{_STYLE}</style></head>
+<body>
+<h1>{html.escape(str(root.resolve().name))}: {total} rows, page {number} of {pages}</h1>
+<p id="broken"></p>
+<nav>{nav}</nav>
+<table>
+<tr><th>input</th><th>control map</th><th>output</th><th>prompt</th><th>seed</th><th>parameters</th></tr>
+{body}
+</table>
+<nav>{nav}</nav>
+<script>{_CHECK_IMAGES}</script>
+</body></html>
+"""
+
+
+def _row(root: Path, row: dict, eager: bool) -> str:
+    loading = "eager" if eager else "lazy"
+
+    def images(paths) -> str:
+        return "".join(
+            f'<img src="{html.escape(os.path.relpath(p, root))}" loading="{loading}" alt="">' for p in paths if p
+        )
+
+    if row[C.STATUS] == C.FAILED:  # its inputs by name: one may be what is missing
+        names = "<br>".join(html.escape(p) for p in row[C.INPUT_FILES] if p) or html.escape(str(row[C.SOURCE_REF]))
+        return f'<tr class="failed"><td>{names}</td><td colspan="5">failed: {html.escape(str(row[C.ERROR]))}</td></tr>'
+    params = {k: row.get(k) for k in ("num_inference_steps", "guidance_scale", "image_guidance_scale", "strength")}
+    params = {k: v for k, v in params.items() if v is not None and v == v}  # NaN for unset columns
+    seeds = ", ".join(str(s) for s in row["seeds"])
+    return (
+        f'<tr class="ok"><td>{images(row[C.INPUT_FILES])}</td><td>{images(row[C.CONTROL_MAPS])}</td>'
+        f"<td>{images(row['outputs'])}</td><td>{html.escape(str(row[C.PROMPT]))}</td><td>{seeds}</td>"
+        f'<td class="params">{html.escape(json.dumps(params))}<br>{html.escape(str(row[C.SOURCE_REF]))}</td></tr>'
+    )

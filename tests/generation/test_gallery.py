@@ -1,0 +1,93 @@
+"""The gallery a job writes, opened in a real headless browser: inputs, control maps and
+outputs load; failed rows show their reason; pages link up."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import pandas as pd
+import pytest
+
+from pixfleet.engine import columns as C
+from pixfleet.generation import gallery
+from pixfleet.generation.job import run_generation
+from tests.helpers import tiny_job
+
+pytestmark = [pytest.mark.timeout(240), pytest.mark.usefixtures("ray_session")]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def rendered_dom(page) -> str:
+    """The page's DOM after it loaded, as headless Chromium renders it (all rows in view)."""
+    result = subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--allow-file-access-from-files",
+            "--window-size=1600,20000",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def job_output(tiny_dir, fill50k_dir, tmp_path_factory):
+    """A job with saved control maps over 6 fill50k rows, one of them pointing at a missing file."""
+    root = tmp_path_factory.mktemp("gallery")
+    rows = pd.read_json(fill50k_dir / "metadata.jsonl", lines=True).head(6)
+    rows["conditioning_image_file_name"] = [str(fill50k_dir / p) for p in rows["conditioning_image_file_name"]]
+    rows.loc[5, "conditioning_image_file_name"] = str(root / "missing.png")
+    rows["file_name"] = [str(fill50k_dir / p) for p in rows["file_name"]]
+    rows.to_json(root / "rows.jsonl", orient="records", lines=True)
+    out = root / "out"
+    job = tiny_job(
+        tiny_dir,
+        "controlnet",
+        root / "rows.jsonl",
+        out,
+        sink={"save_control_maps": True},
+        preprocess={"control": [{"detector": "canny"}]},
+        max_failed_fraction=0.5,
+    )
+    run_generation(job)
+    return out
+
+
+def test_the_job_writes_a_gallery_and_the_manifest_records_inputs_and_control_maps(job_output):
+    manifest = pd.read_parquet(job_output / "manifest.parquet")
+    ok = manifest[manifest[C.STATUS] == C.OK]
+    assert len(ok) == 5 and (job_output / "gallery.html").is_file()
+    for files, maps in zip(ok[C.INPUT_FILES], ok[C.CONTROL_MAPS], strict=True):
+        assert files[0].endswith(".png") and len(maps) == 1
+        assert (job_output / "control_maps").joinpath(maps[0].rsplit("/", 1)[1]).is_file()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs chromium (Debian package `chromium`; .ci/run installs it)")
+def test_the_gallery_loads_every_image_in_a_browser(job_output):
+    dom = rendered_dom(job_output / "gallery.html")
+    loaded = int(re.search(r'data-images-loaded="(\d+)"', dom).group(1))
+    broken = int(re.search(r'data-images-broken="(\d+)"', dom).group(1))
+    # 5 good rows x (input, control map, output); the failed row shows its reason instead.
+    assert (loaded, broken) == (15, 0)
+    assert "missing.png: no such file" in dom
+    assert "6 rows, page 1 of 1" in dom
+
+
+def test_pages_link_up_for_long_jobs(job_output, monkeypatch):
+    monkeypatch.setattr(gallery, "PAGE_ROWS", 4)
+    gallery.write_gallery(job_output)
+    first, second = (job_output / "gallery.html").read_text(), (job_output / "gallery-2.html").read_text()
+    assert 'href="gallery-2.html">next' in first and 'href="gallery.html">first' in second
+    assert first.count("<tr class=") == 4 and second.count("<tr class=") == 2
+    assert 'loading="lazy"' not in first  # the first rows of a page load at once
