@@ -50,6 +50,7 @@ def canonical_batch(columns: list[str], rows: int, images: dict | None = None, *
         C.SOURCE_REF: [f"test:{i}" for i in range(rows)],
         C.ROW_PARAMS: [json.dumps({"prompt": PROMPTS[i], "seed": SEEDS[i], **own}) for i in range(rows)],
         C.LOAD_ERRORS: ["{}"] * rows,
+        C.INPUT_FILES: [json.dumps([""] * len(columns))] * rows,
     }
     for column in columns:
         if images and column in images:
@@ -290,6 +291,7 @@ def test_bad_rows_fail_alone_with_one_line_reasons_naming_the_users_column(tiny_
                 json.dumps({"control_image_0": "x.png: no such file"} if data is None else {})
                 for data, _ in cases.values()
             ],
+            C.INPUT_FILES: [json.dumps([""])] * len(cases),
             "control_image_0": [data for data, _ in cases.values()],
         }
     )
@@ -318,7 +320,7 @@ def test_a_stage_names_the_missing_column(tiny_dir, tmp_path):
     with pytest.raises(
         C.MissingColumnError, match=r"preprocess stage needs column\(s\) control_image_0; the batch has"
     ):
-        preprocess(pd.DataFrame({C.STATUS: [C.OK]}))
+        preprocess(pd.DataFrame({C.ROW_ID: ["row-0"], C.STATUS: [C.OK]}))
 
 
 def _encoded(tiny_dir, tmp_path, image_format="png", prompt=PROMPTS[0], **params):
