@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from pixfleet.errors import UserError
+from pixfleet.models.architectures import ARCHITECTURES
 from pixfleet.models.tasks import TASKS
 
 app = typer.Typer(help="Controlled image generation at dataset scale on Ray.", no_args_is_help=True)
@@ -24,6 +25,8 @@ app.add_typer(config_app, name="config")
 
 ConfigKind = StrEnum("ConfigKind", {kind: kind for kind in ("generate", "train", "serve")})
 TaskName = StrEnum("TaskName", {task: task for task in TASKS})
+ArchName = StrEnum("ArchName", {arch: arch for arch in ARCHITECTURES})
+WeightDtype = StrEnum("WeightDtype", {dtype: dtype for dtype in ("float32", "float16", "bfloat16")})
 
 SetOption = Annotated[
     list[str] | None,
@@ -99,6 +102,25 @@ def make_tiny(
     except ValueError as error:
         _fail(str(error))
     typer.echo(f"saved tiny {task.value} pipeline to {out}")
+
+
+@models_app.command("make-random")
+def make_random(
+    arch: Annotated[ArchName, typer.Option(help="Published architecture to build.")],
+    out: Annotated[Path, typer.Option(help="Folder to save the pipeline in.")],
+    dtype: Annotated[WeightDtype, typer.Option(help="dtype of the saved weights.")] = WeightDtype.float16,
+    device: Annotated[
+        str, typer.Option(help="Where to create the weights: auto (cuda if present), cpu, cuda:0.")
+    ] = "auto",
+    seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+) -> None:
+    """Build a full-size published architecture with random weights (no download) and save it
+    with save_pretrained: a stand-in for the real checkpoint in speed and memory measurements."""
+    from pixfleet.models.loading import DTYPES, resolve_device
+    from pixfleet.models.random_weights import make_random_pipeline
+
+    make_random_pipeline(arch.value, out, dtype=DTYPES[dtype.value], device=resolve_device(device), seed=seed)
+    typer.echo(f"saved random-weight {arch.value} pipeline ({dtype.value}) to {out}")
 
 
 @data_app.command("fill50k")

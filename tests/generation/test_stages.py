@@ -11,10 +11,12 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from pixfleet.engine import columns as C
 from pixfleet.engine.params import derive_seed
+from pixfleet.engine.runner import PipelineRunner
 from pixfleet.generation.plan import image_columns, job_fingerprint
 from pixfleet.generation.sources import ImageRoles
 from pixfleet.generation.stages.decode_stage import DecodeStage
@@ -39,7 +41,11 @@ def stages(job):
     roles = ImageRoles.for_task(job.model.task, job.source, job.model.num_controlnets)
     decode = DecodeStage(job, roles.labels(folder=False), job_fingerprint(job, ModelIdentity.of(job.model)))
     columns = image_columns(job)
-    return decode, PreprocessStage(job.preprocess, columns), GenerateStage(job.model, columns)
+    return (
+        decode,
+        PreprocessStage(job.preprocess, columns),
+        GenerateStage(job.model, columns, (job.preprocess.width, job.preprocess.height), job.resources.batch_size),
+    )
 
 
 def canonical_batch(columns: list[str], rows: int, images: dict | None = None, **own) -> pd.DataFrame:
@@ -263,6 +269,52 @@ def test_rows_of_different_sizes_are_generated_apart_at_their_own_size(tiny_dir,
     batch.loc[1, C.SOURCE_IMAGE] = png_bytes(random_image(5, size=(48, 32)))
     out = generate(preprocess(decode(batch)))
     assert [img.shape for img in out[C.IMAGE]] == [(64, 64, 3), (64, 64, 3), (32, 48, 3)]
+
+
+def test_out_of_memory_retries_in_halves_and_fails_only_rows_that_never_fit(tiny_dir, tmp_path, monkeypatch):
+    job = job_at_64(tiny_dir, "controlnet", tmp_path)
+    decode, preprocess, generate = stages(job)
+    prepared = preprocess(decode(canonical_batch(image_columns(job), 3)))
+    reference = np.stack(generate(prepared)[C.IMAGE])
+
+    real_generate, calls = generate.runner.generate, []
+
+    def generate_within(limit):
+        def fake(rows, deadline=None):
+            calls.append(len(rows))
+            if len(rows) > limit:  # what torch raises when a CUDA allocation fails
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return real_generate(rows, deadline)
+
+        return fake
+
+    monkeypatch.setattr(generate.runner, "generate", generate_within(1))
+    out = generate(prepared)
+    assert calls == [3, 1, 2, 1, 1]
+    assert list(out[C.STATUS]) == [C.OK] * 3
+    # Each row has its own generator: the halves draw what the whole batch drew (float noise aside).
+    assert np.abs(np.stack(out[C.IMAGE]).astype(int) - reference).max() <= 1
+
+    monkeypatch.setattr(generate.runner, "generate", generate_within(0))
+    out = generate(prepared)
+    assert list(out[C.STATUS]) == [C.FAILED] * 3
+    assert (
+        out[C.ERROR]
+        .str.startswith("out of memory even alone (64x64, 1 image(s)): OutOfMemoryError: CUDA out of memory")
+        .all()
+    )
+
+
+def test_generators_stay_on_the_cpu_whatever_the_device(tiny_dir, tmp_path):
+    """The initial noise comes from CPU generators, so a seed draws the same latents on any
+    GPU or on the CPU (diffusers' advice for reproducible results across devices)."""
+    job = job_at_64(tiny_dir, "controlnet", tmp_path)
+    decode, preprocess, generate = stages(job)
+    rows = preprocess(decode(canonical_batch(image_columns(job), 2))).to_dict("records")
+    on_gpu = PipelineRunner(generate.runner.pipe, "controlnet", 1, torch.device("cuda"))
+    generators = on_gpu.call_kwargs(rows, json.loads(rows[0][C.PARAMS]))["generator"]
+    assert [g.device.type for g in generators] == ["cpu", "cpu"]
+    assert [g.initial_seed() for g in generators] == [row[C.SEED] for row in rows]
 
 
 def test_bad_rows_fail_alone_with_one_line_reasons_naming_the_users_column(tiny_dir, tmp_path):

@@ -84,12 +84,50 @@ def test_freeu_changes_the_output(tiny_dir):
     assert np.abs(images - reference).mean() > 1
 
 
-def test_compile_unet_wraps_the_unet(tiny_dir):
+@pytest.mark.parametrize(
+    "switches",
+    [{"channels_last": True}, {"fuse_qkv_projections": True}, {"channels_last": True, "fuse_qkv_projections": True}],
+)
+def test_fast_path_switches_keep_the_output(tiny_dir, switches):
+    _, reference = _generate(tiny_dir)
+    pipe, images = _generate(tiny_dir, **switches)
+    if switches.get("channels_last"):
+        assert pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+        assert pipe.controlnet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    if switches.get("fuse_qkv_projections"):
+        assert (
+            type(pipe.unet.attn_processors["down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor"]).__name__
+            == "FusedAttnProcessor2_0"
+        )
+    assert np.abs(images - reference).max() <= 1
+
+
+def test_fast_path_is_off_on_cpu_unless_asked(tiny_dir):
     pipe, _ = _generate(tiny_dir)
-    spec = tiny_spec(tiny_dir, "controlnet", optimizations=OptimizationConfig(compile_unet=True))
-    compiled = load_pipeline(spec)
-    assert isinstance(compiled.unet, torch._dynamo.eval_frame.OptimizedModule)
+    assert not pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert "Fused" not in type(next(iter(pipe.unet.attn_processors.values()))).__name__
+
+
+@pytest.mark.timeout(600)  # inductor compiles C++ kernels on a cold CPU: about a minute here
+def test_torch_compile_compiles_unet_and_controlnet_and_keeps_the_output(tiny_dir):
+    pipe, reference = _generate(tiny_dir)
     assert not isinstance(pipe.unet, torch._dynamo.eval_frame.OptimizedModule)
+    compiled, images = _generate(tiny_dir, torch_compile=True)
+    assert isinstance(compiled.unet, torch._dynamo.eval_frame.OptimizedModule)
+    assert isinstance(compiled.controlnet, torch._dynamo.eval_frame.OptimizedModule)
+    assert np.abs(images - reference).max() <= 1
+
+
+def test_fused_projections_are_refused_with_loras(tiny_dir):
+    from pixfleet.config import LoraConfig
+
+    with pytest.raises(ValueError, match="fuse_qkv_projections would bypass the LoRA"):
+        tiny_spec(
+            tiny_dir,
+            "controlnet",
+            loras=[LoraConfig(path="x")],
+            optimizations=OptimizationConfig(fuse_qkv_projections=True),
+        )
 
 
 @pytest.mark.parametrize(

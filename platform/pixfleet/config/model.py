@@ -39,19 +39,36 @@ class TextualInversionConfig(StrictModel):
 
 
 class OptimizationConfig(StrictModel):
-    """Memory and speed switches of diffusers, off unless asked for."""
+    """Memory and speed switches of diffusers and PyTorch. The GPU fast path (channels_last,
+    fused q/k/v projections, SDPA) is on by default on CUDA, where it is safe; `torch_compile`
+    is opt-in, since compiling costs minutes that only a long job or a long-lived replica repays.
+    """
 
     attention_slicing: bool = Field(False, description="Compute attention in slices (less memory).")
-    vae_slicing: bool = Field(False, description="Decode a batch one image at a time.")
+    vae_slicing: bool = Field(False, description="Decode a batch one image at a time (less memory; slower).")
     vae_tiling: bool = Field(False, description="Decode large images in overlapping tiles.")
     freeu: FreeUConfig | None = Field(None, description="Enable FreeU with these factors.")
     model_cpu_offload: bool = Field(False, description="Keep each model on CPU until it runs (needs an accelerator).")
     attention_backend: Literal["auto", "sdpa", "xformers"] = Field(
-        "auto", description="xformers when installed under 'auto', else PyTorch SDPA."
+        "auto",
+        description="xformers when installed under 'auto' on CUDA, else PyTorch SDPA (which picks FlashAttention "
+        "kernels itself for fp16/bf16 on GPUs that have them).",
     )
-    compile_unet: bool = Field(False, description="Wrap the UNet in torch.compile.")
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = Field(
-        "default", description="torch.compile mode for the UNet."
+    channels_last: bool | None = Field(
+        None, description="UNet, ControlNets and VAE in channels_last memory format; unset: on for CUDA."
+    )
+    fuse_qkv_projections: bool | None = Field(
+        None,
+        description="One matmul for each attention's q, k and v (UNet and VAE); unset: on for CUDA without LoRAs "
+        "(LoRA layers on q/k/v would be bypassed).",
+    )
+    torch_compile: bool = Field(
+        False,
+        description="torch.compile the UNet and every ControlNet; each actor or replica warms up with one call "
+        "before it takes work, so no request pays for compilation.",
+    )
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "default", description="torch.compile mode."
     )
 
 
@@ -65,7 +82,9 @@ class ModelSpec(StrictModel):
         description="Hub ids, local folders or MLflow URIs (models:/NAME@ALIAS) of the ControlNets; 2+ make a multi.",
     )
     scheduler: SchedulerName | None = Field(None, description="Swap the scheduler by name.")
-    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="torch_dtype the weights load in.")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="torch_dtype the weights load in; 'auto': float16 on CUDA, float32 elsewhere."
+    )
     device: str = Field("auto", description="'auto' (cuda if present, else cpu), 'cpu', 'cuda:0'...")
     variant: str | None = Field(None, description="Weight variant to load, e.g. 'fp16'.")
     use_safetensors: bool | None = Field(None, description="Require safetensors weights if true.")
@@ -85,6 +104,8 @@ class ModelSpec(StrictModel):
             raise ValueError(f"task {self.task!r} needs at least one entry in 'controlnets'")
         if not uses_controlnet and self.controlnets:
             raise ValueError(f"task {self.task!r} takes no 'controlnets'")
+        if self.loras and self.optimizations.fuse_qkv_projections:
+            raise ValueError("optimizations.fuse_qkv_projections would bypass the LoRA layers on q/k/v; unset it")
         return self
 
     @property

@@ -205,6 +205,8 @@ def _serve(connection: Connection) -> None:
         from pixfleet.engine.runner import PipelineRunner
 
         runner = PipelineRunner.load(spec)
+        if spec.optimizations.torch_compile or runner.device.type == "cuda":
+            runner.warm_up(*runner.native_size)  # compile and set up the GPU before the first request
         info = EngineInfo(runner.sampler, str(runner.device), torch.get_num_threads(), runner.size_multiple)
     except Exception as error:
         connection.send(("error", "load", _one_line(error)))
@@ -218,25 +220,30 @@ def _serve(connection: Connection) -> None:
             return
         try:
             if message[0] == "load_controlnet":
-                _load_controlnet(runner, controlnets, message[1], max_controlnets)
+                _load_controlnet(runner, spec, controlnets, message[1], max_controlnets)
                 connection.send(("ok", None))
             else:
                 _, rows, controlnet, deadline = message
                 if controlnet:  # loaded already, unless this process replaced a killed one
-                    _load_controlnet(runner, controlnets, controlnet, max_controlnets)
+                    _load_controlnet(runner, spec, controlnets, controlnet, max_controlnets)
                 chosen = controlnets[controlnet] if controlnet else runner
                 connection.send(("ok", chosen.generate(rows, deadline=deadline)))
         except Exception as error:
             connection.send(("error", _error_kind(error), _one_line(error)))
 
 
-def _load_controlnet(runner, controlnets: OrderedDict, folder: str, max_controlnets: int) -> None:
+def _load_controlnet(runner, spec: ModelSpec, controlnets: OrderedDict, folder: str, max_controlnets: int) -> None:
     from diffusers import ControlNetModel
+
+    from pixfleet.models.optimizations import fuses_by_default, speed_up
 
     if folder in controlnets:
         controlnets.move_to_end(folder)
         return
     controlnet = ControlNetModel.from_pretrained(folder, dtype=runner.pipe.unet.dtype).to(runner.device)
+    options = spec.optimizations
+    on_cuda = runner.device.type == "cuda"
+    controlnet = speed_up(controlnet, options, on_cuda, fuses_by_default(options, runner.device, bool(spec.loras)))
     controlnets[folder] = runner.with_controlnet(controlnet)
     while len(controlnets) > max(1, max_controlnets):
         controlnets.popitem(last=False)

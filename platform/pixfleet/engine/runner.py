@@ -112,6 +112,30 @@ class PipelineRunner:
     def max_prompt_tokens(self) -> int:
         return int(self.pipe.tokenizer.model_max_length)
 
+    @property
+    def native_size(self) -> tuple[int, int]:
+        """(width, height) the model was trained at: its UNet's latent size times the VAE's factor."""
+        side = int(self.pipe.unet.config.sample_size) * int(self.pipe.vae_scale_factor)
+        return side, side
+
+    def warm_up(self, width: int, height: int, batch_size: int = 1, steps: int = 2) -> float:
+        """One call on blank images at the size and batch the work comes in, so compilation and
+        a GPU's first-call set-up happen before the first real row; returns its seconds."""
+        from pixfleet.config import GenerationParams
+        from pixfleet.engine.params import resolve_params
+
+        params = resolve_params(GenerationParams(), {"num_inference_steps": steps}, self.task, self.num_controlnets)
+        blank = np.zeros((height, width, 3), np.uint8)
+        images = {C.control_column(i): blank for i in range(self.num_controlnets)}
+        if self.info.needs_source_image:
+            images[C.SOURCE_IMAGE] = blank
+        if self.info.needs_mask:
+            images[C.MASK_IMAGE] = blank
+        rows = [{C.PROMPT: "", C.SEED: 0, C.PARAMS: json.dumps(params), **images}] * batch_size
+        start = time.perf_counter()
+        self.generate(rows)
+        return time.perf_counter() - start
+
     def with_controlnet(self, controlnet: Any) -> PipelineRunner:
         """A runner whose pipeline swaps in `controlnet` and shares every other component."""
         pipe = type(self.pipe)(**{**self.pipe.components, "controlnet": controlnet})

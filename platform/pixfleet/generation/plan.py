@@ -58,7 +58,7 @@ def plan_stages(
     return [
         DecodeStage.plan(job, image_labels, job_fingerprint(job, model), finished_row_ids),
         PreprocessStage.plan(job.preprocess, columns, job.resources, job.sink),
-        GenerateStage.plan(job.model, columns, job.resources),
+        GenerateStage.plan(job.model, columns, (job.preprocess.width, job.preprocess.height), job.resources),
         EncodeStage.plan(job.sink, model, job.preprocess),
         WriteStage.plan(job.sink, model, job.model.num_controlnets),
     ]

@@ -16,7 +16,7 @@ from pixfleet.models.optimizations import apply_optimizations
 from pixfleet.models.schedulers import swap_scheduler
 from pixfleet.models.tasks import TASKS, task_info
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class ModelLoadError(UserError, ValueError):
@@ -28,6 +28,13 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """'auto' is float16 on CUDA (diffusers' own recipe for these models), float32 elsewhere."""
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return DTYPES[dtype]
 
 
 def required_components(task: str) -> list[str]:
@@ -84,8 +91,9 @@ def load_pipeline(spec: ModelSpec) -> diffusers.DiffusionPipeline:
     """Load `spec` through `from_pretrained`, then apply scheduler, switches and adapters."""
     check_model_folders(spec)
     info = task_info(spec.task)
+    device = resolve_device(spec.device)
     load_kwargs = {
-        "dtype": _DTYPES[spec.dtype],
+        "dtype": resolve_dtype(spec.dtype, device),
         "use_safetensors": spec.use_safetensors,
         "variant": spec.variant,
         "revision": spec.revision,
@@ -105,5 +113,5 @@ def load_pipeline(spec: ModelSpec) -> diffusers.DiffusionPipeline:
         pipe.set_adapters(adapters, adapter_weights=[lora.scale for lora in spec.loras])
     for embedding in spec.textual_inversions:
         pipe.load_textual_inversion(embedding.path, token=embedding.token)
-    apply_optimizations(pipe, spec.optimizations, resolve_device(spec.device))
+    apply_optimizations(pipe, spec.optimizations, device, has_loras=bool(spec.loras))
     return pipe

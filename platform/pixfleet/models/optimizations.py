@@ -10,11 +10,15 @@ import torch
 from pixfleet.config.model import OptimizationConfig
 
 
-def apply_optimizations(pipe: diffusers.DiffusionPipeline, options: OptimizationConfig, device: torch.device) -> None:
-    """Move `pipe` to `device` (or set up CPU offload) and turn on the requested switches."""
+def apply_optimizations(
+    pipe: diffusers.DiffusionPipeline, options: OptimizationConfig, device: torch.device, has_loras: bool = False
+) -> None:
+    """Move `pipe` to `device` (or set up CPU offload) and turn on the requested switches;
+    the ones left unset (None) are on for CUDA."""
+    on_cuda = device.type == "cuda"
     if options.model_cpu_offload:
-        if device.type == "cpu":
-            raise ValueError("optimizations.model_cpu_offload needs an accelerator, device is cpu")
+        if not on_cuda:
+            raise ValueError(f"optimizations.model_cpu_offload needs an accelerator, device is {device.type}")
         pipe.enable_model_cpu_offload(device=device)
     else:
         pipe.to(device)
@@ -29,12 +33,53 @@ def apply_optimizations(pipe: diffusers.DiffusionPipeline, options: Optimization
         f = options.freeu
         pipe.enable_freeu(s1=f.s1, s2=f.s2, b1=f.b1, b2=f.b2)
 
-    # xformers kernels are CUDA-only; otherwise diffusers already runs PyTorch SDPA.
-    xformers_usable = importlib.util.find_spec("xformers") is not None and device.type == "cuda"
-    if options.attention_backend == "xformers" and not xformers_usable:
-        raise ValueError("optimizations.attention_backend 'xformers' needs xformers and CUDA")
-    if options.attention_backend != "sdpa" and xformers_usable:
+    if uses_xformers(options, device):
+        if options.fuse_qkv_projections:
+            raise ValueError("optimizations.fuse_qkv_projections runs on SDPA; set attention_backend: sdpa")
         pipe.enable_xformers_memory_efficient_attention()
 
-    if options.compile_unet:
-        pipe.unet = torch.compile(pipe.unet, mode=options.compile_mode)
+    fuse_by_default = fuses_by_default(options, device, has_loras)
+    # The VAE runs once per call, not once per step: compiling it would not repay its cost.
+    speed_up(pipe.vae, options, on_cuda, fuse_by_default, compile_model=False)
+    pipe.unet = speed_up(pipe.unet, options, on_cuda, fuse_by_default)
+    controlnet = getattr(pipe, "controlnet", None)
+    if isinstance(controlnet, diffusers.MultiControlNetModel):
+        for i, net in enumerate(controlnet.nets):
+            controlnet.nets[i] = speed_up(net, options, on_cuda, fuse_by_default)
+    elif controlnet is not None:
+        pipe.controlnet = speed_up(controlnet, options, on_cuda, fuse_by_default)
+
+
+def uses_xformers(options: OptimizationConfig, device: torch.device) -> bool:
+    """xformers kernels are CUDA-only; otherwise diffusers runs PyTorch SDPA."""
+    usable = importlib.util.find_spec("xformers") is not None and device.type == "cuda"
+    if options.attention_backend == "xformers" and not usable:
+        raise ValueError("optimizations.attention_backend 'xformers' needs xformers and CUDA")
+    return options.attention_backend != "sdpa" and usable
+
+
+def fuses_by_default(options: OptimizationConfig, device: torch.device, has_loras: bool) -> bool:
+    """Fused q/k/v projections are safe on CUDA with SDPA and no LoRA layers to bypass."""
+    return device.type == "cuda" and not has_loras and not uses_xformers(options, device)
+
+
+def speed_up(
+    model: torch.nn.Module,
+    options: OptimizationConfig,
+    on_cuda: bool,
+    fuse_by_default: bool,
+    compile_model: bool = True,
+) -> torch.nn.Module:
+    """One model (UNet, VAE, ControlNet) with the fast-path switches: channels_last and fused
+    q/k/v in place, and the model compiled when asked (diffusers unwraps compiled modules)."""
+    if _switch(options.channels_last, on_cuda):
+        model.to(memory_format=torch.channels_last)
+    if _switch(options.fuse_qkv_projections, fuse_by_default):
+        model.fuse_qkv_projections()
+    if options.torch_compile and compile_model:
+        return torch.compile(model, mode=options.compile_mode)
+    return model
+
+
+def _switch(setting: bool | None, default: bool) -> bool:
+    return default if setting is None else setting

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 TaskName = Literal[
     "controlnet",
@@ -23,6 +24,14 @@ COMMON_PARAMETERS = frozenset(
 CONTROLNET_PARAMETERS = frozenset(
     {"controlnet_conditioning_scale", "guess_mode", "control_guidance_start", "control_guidance_end"}
 )
+# Pipeline parts a built (not downloaded) pipeline leaves out.
+_OPTIONAL_COMPONENTS = {
+    "safety_checker": None,
+    "feature_extractor": None,
+    "image_encoder": None,
+    "requires_safety_checker": False,
+    "add_watermarker": False,
+}
 
 
 @dataclass(frozen=True)
@@ -52,6 +61,13 @@ class TaskInfo:
         import diffusers  # deferred: configs validate task names without loading diffusers
 
         return getattr(diffusers, self.pipeline_class_name)
+
+    def assemble(self, components: dict[str, Any]) -> Any:
+        """The pipeline of this task from its models, tokenizers and scheduler, with the
+        optional parts (safety checker, image encoder, watermarker) left out."""
+        accepted = inspect.signature(self.pipeline_class.__init__).parameters
+        optional = {name: value for name, value in _OPTIONAL_COMPONENTS.items() if name in accepted}
+        return self.pipeline_class(**components, **optional)
 
 
 TASKS: dict[str, TaskInfo] = {

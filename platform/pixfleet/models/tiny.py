@@ -6,7 +6,6 @@ Widths follow diffusers' own fast tests; each component is seeded before it is b
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 
 import torch
@@ -22,13 +21,6 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from pixfleet.models.tasks import task_info
 from pixfleet.models.tokenizer import write_byte_level_tokenizer
 
-_OPTIONAL_COMPONENTS = {
-    "safety_checker": None,
-    "feature_extractor": None,
-    "image_encoder": None,
-    "requires_safety_checker": False,
-    "add_watermarker": False,
-}
 TEXT_HIDDEN = 32
 TIME_EMBED_DIM = 8
 
@@ -148,10 +140,6 @@ def make_tiny_pipeline(
     info = task_info(task)
     if num_controlnets < 1 or (num_controlnets > 1 and not info.uses_controlnet):
         raise ValueError(f"task {task!r} takes {'1+' if info.uses_controlnet else 'no'} controlnets")
-    components = tiny_components(task, num_controlnets, seed, zero_convs)
-    # Optional parts (safety checker, image encoder, watermarker) are left out.
-    accepted = inspect.signature(info.pipeline_class.__init__).parameters
-    optional = {name: value for name, value in _OPTIONAL_COMPONENTS.items() if name in accepted}
-    pipe = info.pipeline_class(**components, **optional)
+    pipe = info.assemble(tiny_components(task, num_controlnets, seed, zero_convs))
     pipe.save_pretrained(out_dir)
     return pipe

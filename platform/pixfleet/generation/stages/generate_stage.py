@@ -5,24 +5,29 @@ Adds:  image (HWC uint8), image_index, sampler, prompt_tokens, prompt_truncated,
 one output row per image, so a row asking `num_images_per_prompt=k` yields k rows. Failed and
 skipped rows pass through. `generate_s` is each image's share of its pipeline call, so the
 column sums to the time the actor spent generating. The pipeline call itself is
-`PipelineRunner`'s, shared with serving.
+`PipelineRunner`'s, shared with serving. A call that runs out of accelerator memory is retried
+in halves; a row that does not fit even alone fails with the reason, and the job goes on.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import ray.data
+import torch
 
 from pixfleet.config import ModelSpec, ResourcesConfig
 from pixfleet.engine import columns as C
 from pixfleet.engine.images import empty_image, one_line
 from pixfleet.engine.runner import PipelineRunner, group_rows
 from pixfleet.generation.stages import PlannedStage
+
+logger = logging.getLogger(__name__)
 
 ADDS = (
     C.IMAGE,
@@ -37,16 +42,22 @@ ADDS = (
 class GenerateStage:
     """Callable class for `map_batches(compute=ActorPoolStrategy(...))`."""
 
-    def __init__(self, spec: ModelSpec, image_columns: list[str]):
+    def __init__(self, spec: ModelSpec, image_columns: list[str], size: tuple[int, int], batch_size: int):
         self.runner = PipelineRunner.load(spec)
+        if spec.optimizations.torch_compile or self.runner.device.type == "cuda":
+            # Compile (and let the GPU set itself up) at the job's one size before the first rows.
+            seconds = self.runner.warm_up(*size, batch_size=batch_size)
+            logger.info("generate actor warmed up in %.1f s at %dx%d, batch %d", seconds, *size, batch_size)
         self.image_columns = image_columns
         self.needs = [C.ROW_ID, C.STATUS, C.PROMPT, C.PARAMS, C.SEED, C.SOURCE_REF, *image_columns]
 
     @classmethod
-    def plan(cls, spec: ModelSpec, image_columns: list[str], resources: ResourcesConfig) -> PlannedStage:
+    def plan(
+        cls, spec: ModelSpec, image_columns: list[str], size: tuple[int, int], resources: ResourcesConfig
+    ) -> PlannedStage:
         threads = {"env_vars": {"OMP_NUM_THREADS": str(resources.torch_threads)}} if resources.torch_threads else None
         options = {
-            "fn_constructor_args": (spec, image_columns),
+            "fn_constructor_args": (spec, image_columns, size, resources.batch_size),
             "batch_size": resources.batch_size,
             "num_cpus": resources.num_cpus_per_actor,
             "num_gpus": resources.num_gpus_per_actor,
@@ -72,14 +83,26 @@ class GenerateStage:
         start = time.perf_counter()
         try:
             images = self.runner.generate(rows)
+        except torch.OutOfMemoryError as error:
+            if self.runner.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(rows) > 1:
+                half = len(rows) // 2
+                logger.warning("out of memory on %d rows; retrying as %d + %d", len(rows), half, len(rows) - half)
+                return self._generate(rows[:half]) + self._generate(rows[half:])
+            width, height = self.runner.working_size(rows[0])
+            reason = f"out of memory even alone ({width}x{height}, {n} image(s)): {one_line(error)}"
+            return self._failed(rows, tokens, reason)
         except Exception as error:  # the rows fail with the reason; the job goes on
-            reason = f"pipeline error: {one_line(error)}"
-            failed = [{**row, C.STATUS: C.FAILED, C.ERROR: reason} for row in rows]
-            return [self._output(row, 0, empty_image(), 0.0, count) for row, count in zip(failed, tokens, strict=True)]
+            return self._failed(rows, tokens, f"pipeline error: {one_line(error)}")
         share = (time.perf_counter() - start) / len(images)
         return [
             self._output(row, k, images[i * n + k], share, tokens[i]) for i, row in enumerate(rows) for k in range(n)
         ]
+
+    def _failed(self, rows: list[dict], tokens: list[int], reason: str) -> list[dict]:
+        failed = [{**row, C.STATUS: C.FAILED, C.ERROR: reason} for row in rows]
+        return [self._output(row, 0, empty_image(), 0.0, count) for row, count in zip(failed, tokens, strict=True)]
 
     def _output(self, row: dict, index: int, image: np.ndarray, seconds: float, tokens: int) -> dict[str, Any]:
         seed = row[C.SEED] + index if row[C.STATUS] == C.OK else row[C.SEED]
