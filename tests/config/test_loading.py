@@ -43,7 +43,22 @@ def test_every_training_yaml_validates(project_dir, monkeypatch, path):
     monkeypatch.chdir(project_dir)
     job = load_config(TrainingJobConfig, path)
     assert job.name == path.stem
-    assert job.distributed.strategy == "deepspeed" and job.registry.alias == "champion"
+    assert job.registry.alias == "champion"
+
+
+def test_the_16_12_and_8_gb_recipes_of_train_controlnet_are_shipped(project_dir, monkeypatch):
+    monkeypatch.chdir(project_dir)
+    recipes = {
+        size: load_config(TrainingJobConfig, PIPELINES_CFG / f"train_sd15_canny{suffix}.yaml")
+        for size, suffix in ((16, "_16gb"), (12, "_12gb"), (8, ""))
+    }
+    assert all(job.train.gradient_checkpointing for job in recipes.values())
+    assert recipes[16].train.use_8bit_adam and recipes[16].distributed.strategy == "ddp"
+    twelve = recipes[12].train
+    assert twelve.use_8bit_adam and twelve.set_grads_to_none and twelve.enable_xformers_memory_efficient_attention
+    eight = recipes[8]
+    assert eight.distributed.strategy == "deepspeed" and eight.distributed.zero_stage == 2
+    assert eight.distributed.offload_optimizer and eight.train.mixed_precision == "fp16"
 
 
 @pytest.mark.parametrize("path", SERVING_YAMLS, ids=lambda p: p.stem)
