@@ -63,36 +63,25 @@ def _vae(family: Family) -> AutoencoderKL:
     return AutoencoderKL(**shared, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
 
 
-def _clip_l_config() -> CLIPTextConfig:
+def _clip_text_config(width: int, layers: int, heads: int, activation: str) -> CLIPTextConfig:
+    """A CLIP text transformer of CLIP's vocabulary and 77-token context."""
     return CLIPTextConfig(
         vocab_size=CLIP_VOCAB_SIZE,
-        hidden_size=768,
-        intermediate_size=3072,
-        num_hidden_layers=12,
-        num_attention_heads=12,
+        hidden_size=width,
+        intermediate_size=4 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
         max_position_embeddings=MODEL_MAX_LENGTH,
-        hidden_act="quick_gelu",
-        projection_dim=768,
+        hidden_act=activation,
+        projection_dim=width,
         bos_token_id=BOS_ID,
         eos_token_id=EOS_ID,
         pad_token_id=EOS_ID,
     )
 
 
-def _open_clip_big_g_config() -> CLIPTextConfig:
-    return CLIPTextConfig(
-        vocab_size=CLIP_VOCAB_SIZE,
-        hidden_size=1280,
-        intermediate_size=5120,
-        num_hidden_layers=32,
-        num_attention_heads=20,
-        max_position_embeddings=MODEL_MAX_LENGTH,
-        hidden_act="gelu",
-        projection_dim=1280,
-        bos_token_id=BOS_ID,
-        eos_token_id=EOS_ID,
-        pad_token_id=EOS_ID,
-    )
+CLIP_L = {"width": 768, "layers": 12, "heads": 12, "activation": "quick_gelu"}  # OpenAI CLIP ViT-L/14
+OPEN_CLIP_BIG_G = {"width": 1280, "layers": 32, "heads": 20, "activation": "gelu"}  # OpenCLIP ViT-bigG/14
 
 
 def _scheduler(family: Family):
@@ -114,12 +103,12 @@ def build_models(arch: str, device: str | torch.device = "cpu", seed: int = 0) -
         torch.manual_seed(seed)
         models["vae"] = _vae(spec.family)
         torch.manual_seed(seed)
-        models["text_encoder"] = CLIPTextModel(_clip_l_config())
+        models["text_encoder"] = CLIPTextModel(_clip_text_config(**CLIP_L))
         if spec.family == "sdxl":
             # SDXL joins OpenCLIP bigG's hidden states to CLIP-L's; bigG's pooled output
             # conditions the UNet too.
             torch.manual_seed(seed)
-            models["text_encoder_2"] = CLIPTextModelWithProjection(_open_clip_big_g_config())
+            models["text_encoder_2"] = CLIPTextModelWithProjection(_clip_text_config(**OPEN_CLIP_BIG_G))
         if info.uses_controlnet:
             torch.manual_seed(seed)
             models["controlnet"] = ControlNetModel.from_unet(models["unet"])
