@@ -52,6 +52,9 @@ class ControlNetTrainingArgs(StrictModel):
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Autocast precision of frozen parts.")
     enable_xformers_memory_efficient_attention: bool = Field(False, description="Use xformers attention.")
     set_grads_to_none: bool = Field(False, description="zero_grad(set_to_none=True): saves memory.")
+    allow_tf32: bool = Field(
+        False, description="TF32 matmuls and convolutions on Ampere and newer GPUs: faster fp32, slightly less exact."
+    )
     train_data_dir: ExistingPath = Field(
         description="Training data: imagefolder with metadata.jsonl, parquet, or a save_to_disk folder."
     )
