@@ -448,3 +448,15 @@ def test_the_plan_checks_every_stage_finds_its_columns(tiny_dir, tmp_path):
         "WriteStage",
     ]
     assert planned[2].options["num_cpus"] == job.resources.num_cpus_per_actor  # each stage owns its resources
+    assert planned[2].options["compute"].initial_size == job.resources.min_actors
+
+
+def test_generation_actors_can_all_start_loading_at_once(tiny_dir, tmp_path):
+    from pixfleet.generation.plan import plan_stages
+
+    resources = {"min_actors": 1, "max_actors": 8, "initial_actors": 8}
+    job = job_at_64(tiny_dir, "controlnet", tmp_path, resources=resources)
+    pool = plan_stages(job, {"control_image_0": "x"}, ModelIdentity.of(job.model), frozenset())[2].options["compute"]
+    assert (pool.min_size, pool.initial_size, pool.max_size) == (1, 8, 8)
+    with pytest.raises(ValueError, match="initial_actors must lie between min_actors and max_actors"):
+        job_at_64(tiny_dir, "controlnet", tmp_path, resources={"max_actors": 2, "initial_actors": 3})

@@ -184,6 +184,12 @@ class ResourcesConfig(StrictModel):
     )
     min_actors: int = Field(1, ge=1, description="Fewest generation actors.")
     max_actors: int = Field(1, ge=1, description="Most generation actors (autoscaled between).")
+    initial_actors: int | None = Field(
+        None,
+        ge=1,
+        description="Generation actors started at once, loading their models in parallel (e.g. one per GPU "
+        "of the cluster); unset: min_actors. Ray Data adds actors beyond them one at a time as the queue grows.",
+    )
     preprocess_actors: int = Field(1, ge=1, description="Preprocessing actors.")
     num_cpus_per_preprocess: float = Field(
         0.25, gt=0, description="CPUs per preprocessing actor (fractional keeps reads running)."
@@ -197,6 +203,8 @@ class ResourcesConfig(StrictModel):
     def _actor_range(self) -> ResourcesConfig:
         if self.max_actors < self.min_actors:
             raise ValueError("max_actors must be >= min_actors")
+        if self.initial_actors is not None and not self.min_actors <= self.initial_actors <= self.max_actors:
+            raise ValueError("initial_actors must lie between min_actors and max_actors")
         return self
 
 

@@ -61,7 +61,9 @@ class GenerateStage:
             "batch_size": resources.batch_size,
             "num_cpus": resources.num_cpus_per_actor,
             "num_gpus": resources.num_gpus_per_actor,
-            "compute": ray.data.ActorPoolStrategy(min_size=resources.min_actors, max_size=resources.max_actors),
+            "compute": ray.data.ActorPoolStrategy(
+                min_size=resources.min_actors, max_size=resources.max_actors, initial_size=resources.initial_actors
+            ),
             "runtime_env": threads,
         }
         needs = (C.ROW_ID, C.STATUS, C.PROMPT, C.PARAMS, C.SEED, C.SOURCE_REF, C.INPUT_FILES, *image_columns)
