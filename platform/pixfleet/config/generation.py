@@ -9,7 +9,7 @@ from pydantic import BeforeValidator, Field, ValidationInfo, field_validator, mo
 
 from pixfleet.config.base import StrictModel
 from pixfleet.config.model import ModelSpec
-from pixfleet.config.paths import ExistingPath
+from pixfleet.config.paths import ExistingPath, ModelOrPath
 from pixfleet.config.tracking import TrackingConfig
 from pixfleet.models.tasks import unused_parameters
 
@@ -50,14 +50,34 @@ class SourceConfig(StrictModel):
     limit: int | None = Field(None, ge=1, description="Read at most this many rows.")
 
 
+MODEL_DETECTORS = ("depth",)  # detectors with a model of their own, run by the detect stage
+
+
 class ControlPreprocessConfig(StrictModel):
     """How one control map is made from its input image."""
 
-    detector: Literal["none", "canny"] = Field(
-        "none", description="'none' passes a ready-made control map; 'canny' detects edges."
+    detector: Literal["none", "canny", "depth"] = Field(
+        "none",
+        description="'none' passes a ready-made control map; 'canny' detects edges (OpenCV); 'depth' runs "
+        "`model`, a transformers depth-estimation model (DPT, Depth Anything, ...).",
     )
     low_threshold: int = Field(100, ge=0, le=255, description="Canny lower hysteresis threshold.")
     high_threshold: int = Field(200, ge=0, le=255, description="Canny upper hysteresis threshold.")
+    model: ModelOrPath | None = Field(
+        None, description="Hub id or folder of the detector's model, e.g. Intel/dpt-hybrid-midas (depth)."
+    )
+
+    @property
+    def uses_model(self) -> bool:
+        return self.detector in MODEL_DETECTORS
+
+    @model_validator(mode="after")
+    def _model_for_model_detectors(self) -> ControlPreprocessConfig:
+        if self.uses_model and self.model is None:
+            raise ValueError(f"detector {self.detector!r} needs 'model' (a hub id or folder)")
+        if not self.uses_model and self.model is not None:
+            raise ValueError(f"detector {self.detector!r} takes no 'model'")
+        return self
 
 
 class PreprocessConfig(StrictModel):
@@ -191,6 +211,13 @@ class ResourcesConfig(StrictModel):
         "of the cluster); unset: min_actors. Ray Data adds actors beyond them one at a time as the queue grows.",
     )
     preprocess_actors: int = Field(1, ge=1, description="Preprocessing actors.")
+    detector_actors: int = Field(
+        1, ge=1, description="Actors of the model detectors (depth), each holding the models."
+    )
+    num_gpus_per_detector: float = Field(
+        0.0, ge=0, description="GPUs per detector actor: 0 on CPU, a fraction beside a generation actor (0.25)."
+    )
+    num_cpus_per_detector: float = Field(0.25, gt=0, description="CPUs per detector actor.")
     num_cpus_per_preprocess: float = Field(
         0.25, gt=0, description="CPUs per preprocessing actor (fractional keeps reads running)."
     )

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from pixfleet.config import ControlPreprocessConfig
+from pixfleet.engine import columns as C
 
 ResizeMode = Literal["center_crop", "resize", "none"]
 Resample = Literal["lanczos", "bicubic", "bilinear", "nearest"]
@@ -58,6 +59,15 @@ def fit_image(image: np.ndarray, width: int, height: int, mode: ResizeMode, resa
     if mode == "none":
         return image
     return from_pil(fit_pil(to_pil(image), width, height, mode, resample))
+
+
+def control_for(controls: list[ControlPreprocessConfig], column: str) -> ControlPreprocessConfig | None:
+    """How the image column `column` becomes a control map (one entry per ControlNet, or one
+    for all); None for columns that are not control images."""
+    index = C.control_index(column)
+    if index is None:
+        return None
+    return controls[index if len(controls) > 1 else 0]
 
 
 def detect(image: np.ndarray, control: ControlPreprocessConfig) -> np.ndarray:

@@ -1,8 +1,9 @@
-"""The Ray Data plan: source -> decode -> preprocess -> generate -> encode -> write.
+"""The Ray Data plan: source -> decode -> preprocess -> [detect] -> generate -> encode -> write.
 
     source      canonical rows, image bytes               (read tasks)
     decode      arrays, params, row_id, seed, status       (CPU tasks)
     preprocess  fitted images, control maps                (CPU actor pool)
+    detect      control maps of model detectors (depth)    (actor pool, GPU or CPU; when asked for)
     generate    one row per image                          (actor pool, one pipeline each)
     encode      PNG/JPEG/WebP bytes + A1111 parameters     (CPU tasks)
     write       image files + manifest part per batch      (CPU tasks, fused with encode)
@@ -19,9 +20,11 @@ import ray.data
 
 from pixfleet.config import GenerationJobConfig
 from pixfleet.engine import columns as C
+from pixfleet.engine.preprocess import control_for
 from pixfleet.generation.sources import ImageRoles, Source
 from pixfleet.generation.stages import PlannedStage
 from pixfleet.generation.stages.decode_stage import DecodeStage
+from pixfleet.generation.stages.detect_stage import DetectStage
 from pixfleet.generation.stages.encode_stage import EncodeStage
 from pixfleet.generation.stages.generate_stage import GenerateStage
 from pixfleet.generation.stages.preprocess_stage import PreprocessStage
@@ -55,9 +58,15 @@ def plan_stages(
     """The stages in order, each with its Ray options; `image_labels` maps the task's image
     columns to the names messages use."""
     columns = list(image_labels)
+    model_detectors = {
+        column: control
+        for column in columns
+        if (control := control_for(job.preprocess.control, column)) is not None and control.uses_model
+    }
     return [
         DecodeStage.plan(job, image_labels, job_fingerprint(job, model), finished_row_ids),
         PreprocessStage.plan(job.preprocess, columns, job.resources, job.sink),
+        *([DetectStage.plan(model_detectors, job.resources, job.sink)] if model_detectors else []),
         GenerateStage.plan(job.model, columns, (job.preprocess.width, job.preprocess.height), job.resources),
         EncodeStage.plan(job.sink, model, job.preprocess),
         WriteStage.plan(job.sink, model, job.model.num_controlnets),

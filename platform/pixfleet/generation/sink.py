@@ -14,13 +14,16 @@ killed run loses at most the batches in flight.
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
 
 from pixfleet.config import SinkConfig
 from pixfleet.engine import columns as C
@@ -99,6 +102,13 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 def control_map_path(config: SinkConfig, row_id: str, index: int) -> Path:
     return Path(config.output_dir) / "control_maps" / f"{row_id}_{index}.png"
+
+
+def save_control_map(config: SinkConfig, row_id: str, index: int, image: np.ndarray) -> None:
+    """The control map of ControlNet `index` for a row, as a PNG under `control_maps/`."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    atomic_write(control_map_path(config, row_id, index), buffer.getvalue())
 
 
 def output_name(row_id: str, image_index: int, num_images: int) -> str:

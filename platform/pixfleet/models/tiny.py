@@ -143,3 +143,28 @@ def make_tiny_pipeline(
     pipe = info.assemble(tiny_components(task, num_controlnets, seed, zero_convs))
     pipe.save_pretrained(out_dir)
     return pipe
+
+
+def make_tiny_depth_estimator(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny random DPT depth-estimation model and its image processor, saved with
+    `save_pretrained`: what `detector: depth` loads in tests in place of Intel/dpt-large."""
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    torch.manual_seed(seed)
+    config = DPTConfig(
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=37,
+        image_size=64,
+        patch_size=8,
+        neck_hidden_sizes=[16, 16, 32, 32],
+        backbone_out_indices=[0, 1, 2, 3],
+        fusion_hidden_size=16,
+        head_hidden_size=16,
+        reassemble_factors=[4, 2, 1, 0.5],
+    )
+    DPTForDepthEstimation(config).save_pretrained(out_dir)
+    # dpt-large's processing (a square resize, no aspect kept) at the tiny model's size.
+    DPTImageProcessor(size={"height": 64, "width": 64}, keep_aspect_ratio=False).save_pretrained(out_dir)
+    return Path(out_dir)

@@ -3,13 +3,12 @@
 Needs: row_id, status and the task's image columns (HWC uint8 arrays).
 Adds:  nothing; images are replaced by their prepared versions.
 Fitting follows diffusers' image processor (`engine.preprocess`); control maps are detected
-on the fitted image. Masks are passed on as they are: the pipeline binarizes them itself.
+on the fitted image, except by detectors with a model (depth), which the detect stage runs on
+the fitted image next. Masks are passed on as they are: the pipeline binarizes them itself.
 With `sink.save_control_maps` the control maps are written to `control_maps/` as they are made.
 """
 
 from __future__ import annotations
-
-import io
 
 import numpy as np
 import pandas as pd
@@ -17,14 +16,13 @@ import ray.data
 
 from pixfleet.config import PreprocessConfig, ResourcesConfig, SinkConfig
 from pixfleet.engine import columns as C
-from pixfleet.engine.preprocess import detect, fit_image, to_pil
-from pixfleet.generation.sink import atomic_write, control_map_path
+from pixfleet.engine.preprocess import control_for, detect, fit_image
+from pixfleet.generation.sink import save_control_map
 from pixfleet.generation.stages import PlannedStage
 
 
 class PreprocessStage:
-    """Callable class for an actor pool of `map_batches(batch_format="pandas")`: detectors
-    (today canny) keep their state in the actor."""
+    """Callable class for an actor pool of `map_batches(batch_format="pandas")`."""
 
     def __init__(self, config: PreprocessConfig, image_columns: list[str], sink: SinkConfig | None = None):
         self.config = config
@@ -59,16 +57,14 @@ class PreprocessStage:
     def _save_control_maps(self, batch: pd.DataFrame) -> None:
         for row in batch[batch[C.STATUS] == C.OK].to_dict("records"):
             for column in self.image_columns:
-                index = C.control_index(column)
-                if index is not None:
-                    buffer = io.BytesIO()
-                    to_pil(row[column]).save(buffer, format="PNG")
-                    atomic_write(control_map_path(self.sink, row[C.ROW_ID], index), buffer.getvalue())
+                control = control_for(self.config.control, column)
+                if control is not None and not control.uses_model:
+                    save_control_map(self.sink, row[C.ROW_ID], C.control_index(column), row[column])
 
     def prepare(self, column: str, image: np.ndarray) -> np.ndarray:
         config = self.config
         image = fit_image(image, config.width, config.height, config.resize_mode, config.resample)
-        index = C.control_index(column)
-        if index is None:
+        control = control_for(config.control, column)
+        if control is None or control.uses_model:
             return image
-        return detect(image, config.control[index if len(config.control) > 1 else 0])
+        return detect(image, control)

@@ -1,0 +1,119 @@
+"""Model detectors (depth): the map equals the model's direct call, in the stage and the job."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from pixfleet.config import ControlPreprocessConfig, GenerationJobConfig
+from pixfleet.engine import columns as C
+from pixfleet.engine.detectors import DepthDetector
+from pixfleet.generation.plan import plan_stages
+from pixfleet.generation.stages.detect_stage import DetectStage
+from pixfleet.models.identity import ModelIdentity
+from tests.helpers import random_image, tiny_job
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture(scope="module")
+def depth_model(tmp_path_factory) -> str:
+    from pixfleet.models.tiny import make_tiny_depth_estimator
+
+    return str(make_tiny_depth_estimator(tmp_path_factory.mktemp("dpt") / "tiny-dpt"))
+
+
+def pipeline_depth(model: str, image: np.ndarray) -> np.ndarray:
+    """What the diffusers docs do for a depth ControlNet: transformers' depth-estimation pipeline."""
+    from transformers import pipeline
+
+    depth = np.asarray(pipeline("depth-estimation", model=model)(Image.fromarray(image))["depth"])
+    return np.stack([depth] * 3, axis=2)
+
+
+def assert_same_map(actual: np.ndarray, expected: np.ndarray) -> None:
+    """Equal but for float noise of batching at the 0-255 truncation (seen: 3 of 12,288 values, by 1)."""
+    assert actual.shape == expected.shape
+    difference = np.abs(actual.astype(int) - expected)
+    assert difference.max() <= 1 and difference.mean() < 0.01
+
+
+def test_depth_maps_equal_the_depth_estimation_pipeline_batched_at_any_size(depth_model):
+    images = [np.asarray(random_image(seed, size)) for seed, size in ((1, (64, 64)), (2, (80, 48)), (3, (64, 64)))]
+    maps = DepthDetector(depth_model, torch.device("cpu"))(images)
+    for image, depth in zip(images, maps, strict=True):
+        assert depth.shape == image.shape and depth.dtype == np.uint8
+        assert depth.min() == 0 and depth.max() == 255
+        assert_same_map(depth, pipeline_depth(depth_model, image))
+
+
+def _depth_job(tiny_dir, depth_model, tmp_path, **sections) -> GenerationJobConfig:
+    control = {"detector": "depth", "model": depth_model}
+    return tiny_job(
+        tiny_dir,
+        "controlnet",
+        tmp_path,
+        tmp_path / "out",
+        preprocess={"width": 64, "height": 64, "control": [control]},
+        **sections,
+    )
+
+
+def test_the_detect_stage_makes_the_maps_and_fails_only_rows_the_detector_refuses(tiny_dir, depth_model, tmp_path):
+    job = _depth_job(tiny_dir, depth_model, tmp_path)
+    planned = plan_stages(job, {"control_image_0": "image"}, ModelIdentity.of(job.model), frozenset())
+    assert [getattr(p.fn, "__name__", None) for p in planned][1:4] == [
+        "PreprocessStage",
+        "DetectStage",
+        "GenerateStage",
+    ]
+    detect = DetectStage({"control_image_0": job.preprocess.control[0]})
+    images = [np.asarray(random_image(seed)) for seed in range(3)]
+    batch = pd.DataFrame(
+        {C.ROW_ID: ["a", "b", "c"], C.STATUS: [C.OK] * 3, C.ERROR: [""] * 3, "control_image_0": images}
+    )
+    out = detect(batch)
+    for image, depth in zip(images, out["control_image_0"], strict=True):
+        assert_same_map(depth, pipeline_depth(depth_model, image))
+
+    # An input the model cannot take (one channel here) fails its row alone, with the reason.
+    batch.at[1, "control_image_0"] = images[1][:, :, 0]
+    out = detect(batch)
+    assert list(out[C.STATUS]) == [C.OK, C.FAILED, C.OK]
+    assert out.at[1, C.ERROR].startswith("depth detector: ")
+    assert_same_map(out.at[2, "control_image_0"], pipeline_depth(depth_model, images[2]))
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_job_with_a_depth_detector_writes_its_maps_and_images(tiny_dir, depth_model, tmp_path):
+    from pixfleet.data.fill50k import make_fill50k
+    from pixfleet.generation.job import run_generation
+
+    data = make_fill50k(tmp_path / "data", n=4, size=64, seed=3)
+    job = _depth_job(tiny_dir, depth_model, tmp_path, source={"path": str(data)}, sink={"save_control_maps": True})
+    summary = run_generation(job)
+    assert summary.images_ok == 4 and summary.rows_failed == 0
+    manifest = pd.read_parquet(tmp_path / "out" / "manifest.parquet")
+    for row in manifest.to_dict("records"):
+        source = np.asarray(Image.open(data / row[C.INPUT_FILES][0]).convert("RGB"))  # 64 px: fitting keeps it
+        saved = np.asarray(Image.open(tmp_path / "out" / "control_maps" / f"{row[C.ROW_ID]}_0.png"))
+        assert_same_map(saved, pipeline_depth(depth_model, source))
+
+
+def test_a_depth_detector_needs_a_model_and_serving_refuses_it(tiny_dir, depth_model):
+    from pydantic import ValidationError
+
+    from pixfleet.config.serving import ServedModelConfig
+    from tests.helpers import tiny_spec
+
+    with pytest.raises(ValidationError, match="detector 'depth' needs 'model'"):
+        ControlPreprocessConfig(detector="depth")
+    with pytest.raises(ValidationError, match="detector 'canny' takes no 'model'"):
+        ControlPreprocessConfig(detector="canny", model=depth_model)
+    with pytest.raises(ValidationError, match="model detectors \\(depth\\) run in bulk jobs"):
+        ServedModelConfig(
+            name="m", model=tiny_spec(tiny_dir, "controlnet"), control=[{"detector": "depth", "model": depth_model}]
+        )
