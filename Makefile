@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(BIN)/pixfleet generate pipelines_cfg/quickstart.yaml
 
 test: $(STAMP) lint
-	$(BIN)/pytest -q --durations=10
+	$(BIN)/pytest -q --durations=25
 
 lint: $(STAMP)
 	$(BIN)/ruff check platform tests benchmarks jobs

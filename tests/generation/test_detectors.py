@@ -101,6 +101,8 @@ def test_a_job_with_a_depth_detector_writes_its_maps_and_images(tiny_dir, depth_
         source = np.asarray(Image.open(data / row[C.INPUT_FILES][0]).convert("RGB"))  # 64 px: fitting keeps it
         saved = np.asarray(Image.open(tmp_path / "out" / "control_maps" / f"{row[C.ROW_ID]}_0.png"))
         assert_same_map(saved, pipeline_depth(depth_model, source))
+        text = Image.open(row[C.OUTPUT_PATH]).info["parameters"]
+        assert '"Module: depth, ' in text and ", Preprocessor model: tiny-dpt, " in text
 
 
 def test_a_depth_detector_needs_a_model_and_serving_refuses_it(tiny_dir, depth_model):

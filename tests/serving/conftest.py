@@ -3,6 +3,7 @@ ControlNets, InstructPix2Pix) and a `tight` app (one slot, tiny queue, short tim
 
 from __future__ import annotations
 
+import random
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +32,19 @@ class Server:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port between Ray's worker ports (10002-19999) and the kernel's ephemeral range
+    (32768+), where Ray's own processes pick theirs: one of those could take a port the OS
+    just handed out before Serve's proxy binds it (seen: "Failed to bind to address")."""
+    rng = random.Random()
+    for _ in range(100):
+        port = rng.randrange(20000, 32768)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port between 20000 and 32767")
 
 
 def post_upload(base_url: str, **params) -> httpx.Response:

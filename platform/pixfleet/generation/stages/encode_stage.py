@@ -78,6 +78,8 @@ def a1111_parameters(
         }
         if control.detector == "canny":
             unit |= {"Threshold A": control.low_threshold, "Threshold B": control.high_threshold}
+        if control.uses_model:
+            unit["Preprocessor model"] = model_name(control.model)
         unit |= {
             "Guidance Start": params["control_guidance_start"][i],
             "Guidance End": params["control_guidance_end"][i],
