@@ -118,8 +118,11 @@ def test_torch_compile_compiles_unet_and_controlnet_and_keeps_the_output(tiny_di
     assert np.abs(images - reference).max() <= 1
 
 
-def test_fused_projections_are_refused_with_loras(tiny_dir):
+def test_fused_projections_are_refused_with_loras_or_sliced_attention(tiny_dir):
     from pixfleet.config import LoraConfig
+
+    with pytest.raises(ValueError, match="fuse_qkv_projections replaces sliced attention"):
+        OptimizationConfig(fuse_qkv_projections=True, attention_slicing=True)
 
     with pytest.raises(ValueError, match="fuse_qkv_projections would bypass the LoRA"):
         tiny_spec(

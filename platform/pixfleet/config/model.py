@@ -59,8 +59,8 @@ class OptimizationConfig(StrictModel):
     )
     fuse_qkv_projections: bool | None = Field(
         None,
-        description="One matmul for each attention's q, k and v (UNet and VAE); unset: on for CUDA without LoRAs "
-        "(LoRA layers on q/k/v would be bypassed).",
+        description="One matmul for each attention's q, k and v (UNet, VAE, ControlNets); unset: on for CUDA "
+        "without LoRAs (their q/k/v layers would be bypassed), attention slicing or xformers.",
     )
     torch_compile: bool = Field(
         False,
@@ -70,6 +70,12 @@ class OptimizationConfig(StrictModel):
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
         "default", description="torch.compile mode."
     )
+
+    @model_validator(mode="after")
+    def _fusing_keeps_other_processors(self) -> OptimizationConfig:
+        if self.fuse_qkv_projections and self.attention_slicing:
+            raise ValueError("fuse_qkv_projections replaces sliced attention; set one of them")
+        return self
 
 
 class ModelSpec(StrictModel):

@@ -59,8 +59,10 @@ def uses_xformers(options: OptimizationConfig, device: torch.device) -> bool:
 
 
 def fuses_by_default(options: OptimizationConfig, device: torch.device, has_loras: bool) -> bool:
-    """Fused q/k/v projections are safe on CUDA with SDPA and no LoRA layers to bypass."""
-    return device.type == "cuda" and not has_loras and not uses_xformers(options, device)
+    """Fused q/k/v projections are safe on CUDA with SDPA, unsliced attention (fusing swaps the
+    attention processors) and no LoRA layers to bypass."""
+    unfused_processors = options.attention_slicing or uses_xformers(options, device)
+    return device.type == "cuda" and not has_loras and not unfused_processors
 
 
 def speed_up(
