@@ -24,8 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pixfleet.config import ModelSpec
+from pixfleet.config import GenerationParams, ModelSpec
 from pixfleet.engine import columns as C
+from pixfleet.engine.params import resolve_params
 from pixfleet.engine.preprocess import fit_pil, to_pil
 from pixfleet.models.tasks import task_info
 
@@ -121,9 +122,6 @@ class PipelineRunner:
     def warm_up(self, width: int, height: int, batch_size: int = 1, steps: int = 2) -> float:
         """One call on blank images at the size and batch the work comes in, so compilation and
         a GPU's first-call set-up happen before the first real row; returns its seconds."""
-        from pixfleet.config import GenerationParams
-        from pixfleet.engine.params import resolve_params
-
         params = resolve_params(GenerationParams(), {"num_inference_steps": steps}, self.task, self.num_controlnets)
         blank = np.zeros((height, width, 3), np.uint8)
         images = {C.control_column(i): blank for i in range(self.num_controlnets)}
