@@ -33,7 +33,7 @@ class DetectStage:
         self.controls = controls
         self.detectors = {column: load_detector(control, device) for column, control in controls.items()}
         self.sink = sink if sink and sink.save_control_maps else None
-        self.needs = [C.ROW_ID, C.STATUS, C.ERROR, *controls]
+        self.needs = self.columns_needed(controls)
 
     @classmethod
     def plan(
@@ -46,7 +46,11 @@ class DetectStage:
             "num_gpus": resources.num_gpus_per_detector,
             "compute": ray.data.ActorPoolStrategy(size=resources.detector_actors),
         }
-        return PlannedStage(cls, (C.ROW_ID, C.STATUS, C.ERROR, *controls), (), options)
+        return PlannedStage(cls, cls.columns_needed(controls), (), options)
+
+    @staticmethod
+    def columns_needed(controls: dict[str, ControlPreprocessConfig]) -> tuple[str, ...]:
+        return (C.ROW_ID, C.STATUS, C.ERROR, *controls)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         C.require_columns(batch, self.needs, "detect stage")

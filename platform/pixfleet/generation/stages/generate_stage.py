@@ -1,6 +1,6 @@
 """Generate stage (actor pool, one loaded pipeline per actor): rows -> images.
 
-Needs: row_id, status, prompt, params, seed, source_ref and the task's image columns.
+Needs: row_id, status, prompt, params, seed, source_ref, input_files and the task's image columns.
 Adds:  image (HWC uint8), image_index, sampler, prompt_tokens, prompt_truncated, generate_s;
 one output row per image, so a row asking `num_images_per_prompt=k` yields k rows. Failed and
 skipped rows pass through. `generate_s` is each image's share of its pipeline call, so the
@@ -49,7 +49,7 @@ class GenerateStage:
             seconds = self.runner.warm_up(*size, batch_size=batch_size)
             logger.info("generate actor warmed up in %.1f s at %dx%d, batch %d", seconds, *size, batch_size)
         self.image_columns = image_columns
-        self.needs = [C.ROW_ID, C.STATUS, C.PROMPT, C.PARAMS, C.SEED, C.SOURCE_REF, *image_columns]
+        self.needs = self.columns_needed(image_columns)
 
     @classmethod
     def plan(
@@ -66,8 +66,11 @@ class GenerateStage:
             ),
             "runtime_env": threads,
         }
-        needs = (C.ROW_ID, C.STATUS, C.PROMPT, C.PARAMS, C.SEED, C.SOURCE_REF, C.INPUT_FILES, *image_columns)
-        return PlannedStage(cls, needs, ADDS, options)
+        return PlannedStage(cls, cls.columns_needed(image_columns), ADDS, options)
+
+    @staticmethod
+    def columns_needed(image_columns: list[str]) -> tuple[str, ...]:
+        return (C.ROW_ID, C.STATUS, C.PROMPT, C.PARAMS, C.SEED, C.SOURCE_REF, C.INPUT_FILES, *image_columns)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         C.require_columns(batch, self.needs, "generate stage")

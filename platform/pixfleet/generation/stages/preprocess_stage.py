@@ -28,7 +28,7 @@ class PreprocessStage:
         self.config = config
         self.image_columns = image_columns
         self.sink = sink if sink and sink.save_control_maps else None
-        self.needs = [C.ROW_ID, C.STATUS, *image_columns]
+        self.needs = self.columns_needed(image_columns)
 
     @classmethod
     def plan(
@@ -40,7 +40,11 @@ class PreprocessStage:
             "num_cpus": resources.num_cpus_per_preprocess,
             "compute": ray.data.ActorPoolStrategy(size=resources.preprocess_actors),
         }
-        return PlannedStage(cls, (C.ROW_ID, C.STATUS, *image_columns), (), options)
+        return PlannedStage(cls, cls.columns_needed(image_columns), (), options)
+
+    @staticmethod
+    def columns_needed(image_columns: list[str]) -> tuple[str, ...]:
+        return (C.ROW_ID, C.STATUS, *image_columns)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         C.require_columns(batch, self.needs, "preprocess stage")
