@@ -260,12 +260,14 @@ def _exit_with_owner(owner_pid: int) -> None:
 
 
 def _error_kind(error: Exception) -> str:
+    import torch
+
     from pixfleet.engine.runner import DeadlineExceeded
 
     if isinstance(error, DeadlineExceeded):
         return "timeout"
-    if "out of memory" in str(error).lower():
-        return "oom"
+    if isinstance(error, torch.OutOfMemoryError):
+        return "oom"  # the request was too big for the memory free now: the replica stays up
     return "error"
 
 
