@@ -1,4 +1,5 @@
-"""Model detectors (depth): the map equals the model's direct call, in the stage and the job."""
+"""Model detectors (depth, segmentation): the map equals the model's direct call, in the stage
+and the job."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from PIL import Image
 
 from pixfleet.config import ControlPreprocessConfig, GenerationJobConfig
 from pixfleet.engine import columns as C
-from pixfleet.engine.detectors import DepthDetector
+from pixfleet.engine.detectors import DepthDetector, SegmentationDetector, ade20k_palette
 from pixfleet.generation.plan import plan_stages
 from pixfleet.generation.stages.detect_stage import DetectStage
 from pixfleet.models.identity import ModelIdentity
@@ -48,6 +49,50 @@ def test_depth_maps_equal_the_depth_estimation_pipeline_batched_at_any_size(dept
         assert depth.shape == image.shape and depth.dtype == np.uint8
         assert depth.min() == 0 and depth.max() == 255
         assert_same_map(depth, pipeline_depth(depth_model, image))
+
+
+@pytest.fixture(scope="module")
+def segmentation_model(tmp_path_factory) -> str:
+    from pixfleet.models.tiny import make_tiny_segmenter
+
+    return str(make_tiny_segmenter(tmp_path_factory.mktemp("segformer") / "tiny-segformer"))
+
+
+def model_card_segmentation(model: str, image: np.ndarray) -> np.ndarray:
+    """The recipe of the segmentation ControlNet's model card: the model's labels at the image's
+    size, each label painted its ADE20K colour."""
+    from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
+
+    processor = AutoImageProcessor.from_pretrained(model)
+    segmentor = AutoModelForSemanticSegmentation.from_pretrained(model)
+    pil = Image.fromarray(image)
+    with torch.no_grad():
+        outputs = segmentor(processor(pil, return_tensors="pt").pixel_values)
+    seg = processor.post_process_semantic_segmentation(outputs, target_sizes=[pil.size[::-1]])[0].numpy()
+    color_seg = np.zeros((*seg.shape, 3), dtype=np.uint8)
+    for label, color in enumerate(ade20k_palette()):
+        color_seg[seg == label, :] = color
+    return color_seg
+
+
+def test_segmentation_maps_equal_the_model_card_recipe_batched_at_any_size(segmentation_model, tmp_path):
+    palette = ade20k_palette()
+    assert palette.shape == (150, 3) and palette[0].tolist() == [120, 120, 120]  # wall
+    assert palette[2].tolist() == [6, 230, 230] and palette[149].tolist() == [92, 0, 255]  # sky, flag
+    images = [np.asarray(random_image(seed, size)) for seed, size in ((1, (64, 64)), (2, (80, 48)), (3, (64, 64)))]
+    maps = SegmentationDetector(segmentation_model, torch.device("cpu"))(images)
+    for image, segments in zip(images, maps, strict=True):
+        assert segments.shape == image.shape and segments.dtype == np.uint8
+        colours = {tuple(c) for c in np.unique(segments.reshape(-1, 3), axis=0)}
+        assert len(colours) > 1 and colours <= {tuple(c) for c in palette}
+        np.testing.assert_array_equal(segments, model_card_segmentation(segmentation_model, image))
+
+    # A model with more labels than ADE20K's (COCO-Stuff's 171) is refused, naming the count.
+    from pixfleet.models.tiny import make_tiny_segmenter
+
+    make_tiny_segmenter(tmp_path / "coco-stuff", num_labels=171)
+    with pytest.raises(ValueError, match="has 171 labels; the segmentation ControlNets take ADE20K's 150"):
+        SegmentationDetector(str(tmp_path / "coco-stuff"), torch.device("cpu"))
 
 
 def _depth_job(tiny_dir, depth_model, tmp_path, **sections) -> GenerationJobConfig:

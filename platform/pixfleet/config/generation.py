@@ -50,21 +50,25 @@ class SourceConfig(StrictModel):
     limit: int | None = Field(None, ge=1, description="Read at most this many rows.")
 
 
-MODEL_DETECTORS = ("depth",)  # detectors with a model of their own, run by the detect stage
+MODEL_DETECTORS = ("depth", "segmentation")  # detectors with a model of their own, run by the detect stage
 
 
 class ControlPreprocessConfig(StrictModel):
     """How one control map is made from its input image."""
 
-    detector: Literal["none", "canny", "depth"] = Field(
+    detector: Literal["none", "canny", "depth", "segmentation"] = Field(
         "none",
         description="'none' passes a ready-made control map; 'canny' detects edges (OpenCV); 'depth' runs "
-        "`model`, a transformers depth-estimation model (DPT, Depth Anything, ...).",
+        "`model`, a transformers depth-estimation model (DPT, Depth Anything, ...); 'segmentation' runs "
+        "`model`, a transformers semantic-segmentation model trained on ADE20K (UperNet, SegFormer, ...), "
+        "painted in the ADE20K palette.",
     )
     low_threshold: int = Field(100, ge=0, le=255, description="Canny lower hysteresis threshold.")
     high_threshold: int = Field(200, ge=0, le=255, description="Canny upper hysteresis threshold.")
     model: ModelOrPath | None = Field(
-        None, description="Hub id or folder of the detector's model, e.g. Intel/dpt-hybrid-midas (depth)."
+        None,
+        description="Hub id or folder of the detector's model, e.g. Intel/dpt-hybrid-midas (depth), "
+        "openmmlab/upernet-convnext-small (segmentation).",
     )
 
     @property

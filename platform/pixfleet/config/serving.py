@@ -96,7 +96,9 @@ class ServedModelConfig(StrictModel):
         if n and len(self.control) not in (1, n):
             raise ValueError(f"control has {len(self.control)} entries for {n} controlnets")
         if any(control.uses_model for control in self.control):
-            raise ValueError("model detectors (depth) run in bulk jobs; a served model takes ready-made maps of them")
+            raise ValueError(
+                "model detectors (depth, segmentation) run in bulk jobs; a served model takes ready-made maps of them"
+            )
         if self.max_ongoing_requests < self.batching.max_batch_size:
             raise ValueError("max_ongoing_requests must be >= batching.max_batch_size")
         return self

@@ -1,51 +1,108 @@
-"""Control-map detectors with a model of their own, loaded once and run on batches.
+"""Control-map detectors, loaded once and run on batches of RGB images (HWC uint8).
 
-`DepthDetector` makes the map the diffusers docs make for depth ControlNets with transformers'
-`pipeline("depth-estimation")`: the model's depth resized back to the image (the image
-processor's own post-processing), scaled to 0-255 per image, as three equal channels; batched,
-on the GPU when there is one. (`controlnet_aux`, home of the line-art, soft-edge, M-LSD and
-pose annotators, needs torchvision, which does not install beside the project's torch.)
+- `DepthDetector` makes the map the diffusers docs make for depth ControlNets with transformers'
+  `pipeline("depth-estimation")`: the model's depth resized back to the image (the image
+  processor's own post-processing), scaled to 0-255 per image, as three equal channels.
+- `SegmentationDetector` makes the map of the segmentation ControlNets' model cards: a
+  transformers semantic-segmentation model's labels at the image's size (the processor's
+  post-processing), each painted its ADE20K palette colour, the palette those ControlNets were
+  trained on.
+- `EdgeDetector` wraps the model-free detectors (canny), so a stage runs every kind alike.
+
+Model detectors run batched, on the GPU when there is one. (`controlnet_aux`, home of the
+line-art, soft-edge, M-LSD and pose annotators, needs torchvision, which does not install
+beside the project's torch.)
 """
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
+from collections.abc import Callable
+from functools import cache
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
 from pixfleet.config import ControlPreprocessConfig
+from pixfleet.engine.preprocess import detect
+
+Detector = Callable[[list[np.ndarray]], list[np.ndarray]]
 
 
-class DepthDetector:
-    """A transformers depth-estimation model (DPT, Depth Anything, ...) and its image processor."""
+@cache
+def ade20k_palette() -> np.ndarray:
+    """(150, 3) uint8: the colour of each ADE20K class, in label order."""
+    table = json.loads((Path(__file__).parent / "ade20k.json").read_text())
+    return np.asarray(table["palette"], dtype=np.uint8)
+
+
+class _ModelDetector:
+    """A transformers vision model and its image processor; images of one size go through the
+    processor together (it stacks only equal sizes), each map comes back at its image's size."""
+
+    auto_class: str
 
     def __init__(self, model: str, device: torch.device):
-        from transformers import AutoImageProcessor, AutoModelForDepthEstimation
+        import transformers
 
-        self.processor = AutoImageProcessor.from_pretrained(model)
-        self.model = AutoModelForDepthEstimation.from_pretrained(model).to(device).eval()
+        self.processor = transformers.AutoImageProcessor.from_pretrained(model)
+        self.model = getattr(transformers, self.auto_class).from_pretrained(model).to(device).eval()
         self.device = device
 
     @torch.inference_mode()
     def __call__(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        """Depth maps (HWC uint8, three equal channels) of RGB images, at their own sizes."""
         maps: list[np.ndarray | None] = [None] * len(images)
         by_size: dict[tuple[int, ...], list[int]] = defaultdict(list)
         for i, image in enumerate(images):
-            by_size[image.shape].append(i)  # the processor stacks only images of one size
+            by_size[image.shape].append(i)
         for indices in by_size.values():
             batch = [Image.fromarray(images[i]) for i in indices]
             inputs = self.processor(images=batch, return_tensors="pt").to(self.device, self.model.dtype)
             outputs = self.model(**inputs)
             sizes = [images[i].shape[:2] for i in indices]
-            for i, result in zip(indices, self.processor.post_process_depth_estimation(outputs, sizes), strict=True):
-                maps[i] = _to_map(result["predicted_depth"].float().cpu().numpy())
+            for i, result in zip(indices, self.post_process(outputs, sizes), strict=True):
+                maps[i] = result
         return maps
 
+    def post_process(self, outputs: Any, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
+        raise NotImplementedError
 
-def _to_map(depth: np.ndarray) -> np.ndarray:
+
+class DepthDetector(_ModelDetector):
+    """A transformers depth-estimation model (DPT, Depth Anything, ...)."""
+
+    auto_class = "AutoModelForDepthEstimation"
+
+    def post_process(self, outputs: Any, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
+        results = self.processor.post_process_depth_estimation(outputs, sizes)
+        return [_depth_map(result["predicted_depth"].float().cpu().numpy()) for result in results]
+
+
+class SegmentationDetector(_ModelDetector):
+    """A transformers semantic-segmentation model trained on ADE20K's 150 classes (UperNet,
+    SegFormer, ...)."""
+
+    auto_class = "AutoModelForSemanticSegmentation"
+
+    def __init__(self, model: str, device: torch.device):
+        super().__init__(model, device)
+        labels = self.model.config.num_labels
+        if labels > len(ade20k_palette()):
+            raise ValueError(
+                f"segmentation model {model} has {labels} labels; the segmentation ControlNets take "
+                f"ADE20K's {len(ade20k_palette())} classes in their palette colours: use a model trained on ADE20K"
+            )
+
+    def post_process(self, outputs: Any, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
+        labels = self.processor.post_process_semantic_segmentation(outputs, target_sizes=sizes)
+        return [ade20k_palette()[label.cpu().numpy()] for label in labels]
+
+
+def _depth_map(depth: np.ndarray) -> np.ndarray:
     """Depth scaled to 0-255 per image and truncated, as the depth-estimation pipeline does."""
     span = depth.max() - depth.min()
     scaled = (depth - depth.min()) / span if span > 0 else np.zeros_like(depth)
@@ -53,8 +110,21 @@ def _to_map(depth: np.ndarray) -> np.ndarray:
     return np.repeat(gray[:, :, None], 3, axis=2)
 
 
-def load_detector(control: ControlPreprocessConfig, device: torch.device) -> DepthDetector:
-    """The model detector `control` asks for."""
-    if control.detector == "depth":
-        return DepthDetector(control.model, device)
-    raise ValueError(f"detector {control.detector!r} has no model")
+class EdgeDetector:
+    """A model-free detector (canny) over a batch, image by image."""
+
+    def __init__(self, control: ControlPreprocessConfig):
+        self.control = control
+
+    def __call__(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        return [detect(image, self.control) for image in images]
+
+
+MODEL_DETECTOR_CLASSES = {"depth": DepthDetector, "segmentation": SegmentationDetector}
+
+
+def load_detector(control: ControlPreprocessConfig, device: torch.device) -> Detector:
+    """The detector `control` asks for, its model (if any) loaded on `device`."""
+    if control.uses_model:
+        return MODEL_DETECTOR_CLASSES[control.detector](control.model, device)
+    return EdgeDetector(control)

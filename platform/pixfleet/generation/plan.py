@@ -3,7 +3,7 @@
     source      canonical rows, image bytes               (read tasks)
     decode      arrays, params, row_id, seed, status       (CPU tasks)
     preprocess  fitted images, control maps                (CPU actor pool)
-    detect      control maps of model detectors (depth)    (actor pool, GPU or CPU; when asked for)
+    detect      maps of model detectors (depth, ...)       (actor pool, GPU or CPU; when asked for)
     generate    one row per image                          (actor pool, one pipeline each)
     encode      PNG/JPEG/WebP bytes + A1111 parameters     (CPU tasks)
     write       image files + manifest part per batch      (CPU tasks, fused with encode)

@@ -168,3 +168,52 @@ def make_tiny_depth_estimator(out_dir: str | Path, seed: int = 0) -> Path:
     # dpt-large's processing (a square resize, no aspect kept) at the tiny model's size.
     DPTImageProcessor(size={"height": 64, "width": 64}, keep_aspect_ratio=False).save_pretrained(out_dir)
     return Path(out_dir)
+
+
+def make_tiny_segmenter(out_dir: str | Path, seed: int = 0, num_labels: int = 150) -> Path:
+    """A tiny random SegFormer with ADE20K's 150 labels and its image processor: what
+    `detector: segmentation` loads in tests in place of openmmlab/upernet-convnext-small."""
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation, SegformerImageProcessor
+
+    torch.manual_seed(seed)
+    config = SegformerConfig(
+        num_encoder_blocks=2,
+        depths=[1, 1],
+        sr_ratios=[2, 1],
+        hidden_sizes=[8, 16],
+        patch_sizes=[7, 3],
+        strides=[4, 2],
+        num_attention_heads=[1, 2],
+        mlp_ratios=[2, 2],
+        decoder_hidden_size=16,
+        num_labels=num_labels,
+    )
+    SegformerForSemanticSegmentation(config).save_pretrained(out_dir)
+    SegformerImageProcessor(size={"height": 64, "width": 64}).save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+CAPTION_WORDS = "a photo of the with on in and circle square background red green blue yellow purple orange white"
+
+
+def make_tiny_captioner(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny random BLIP captioner (vision encoder, text decoder, a word-level BERT tokenizer):
+    what `caption.model` loads in tests in place of Salesforce/blip-image-captioning-base.
+    Its special tokens' logits are pushed down, so a random decoder writes words, not [SEP]."""
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
+    vocab = {token: i for i, token in enumerate(special + CAPTION_WORDS.split())}
+    torch.manual_seed(seed)
+    text = {"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2}
+    text |= {"num_attention_heads": 4, "max_position_embeddings": 64, "encoder_hidden_size": 32}
+    text |= {"pad_token_id": 0, "sep_token_id": 3, "eos_token_id": 3, "bos_token_id": vocab["[DEC]"]}
+    vision = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4}
+    vision |= {"image_size": 64, "patch_size": 16}
+    model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision, projection_dim=32))
+    with torch.no_grad():
+        model.text_decoder.cls.predictions.bias[: len(special)] = -10.0
+    model.save_pretrained(out_dir)
+    tokenizer = BertTokenizer(vocab=vocab, bos_token="[DEC]")
+    BlipProcessor(BlipImageProcessor(size={"height": 64, "width": 64}), tokenizer).save_pretrained(out_dir)
+    return Path(out_dir)

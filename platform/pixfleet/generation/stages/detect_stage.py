@@ -1,7 +1,7 @@
 """Detect stage (actor pool, one set of detector models per actor): fitted images -> control maps.
 
 Needs: row_id, status, error and the control image columns whose ControlNet asks for a model
-detector (depth); runs only when one does.
+detector (depth, segmentation); runs only when one does.
 Adds:  nothing; those images are replaced by their maps, at the generation size.
 The preprocess stage has fitted the images and left these columns to this stage. Each actor
 loads its detector models once and runs them on whole batches, on a GPU (a fraction of one,

@@ -3,7 +3,7 @@
 Needs: row_id, status and the task's image columns (HWC uint8 arrays).
 Adds:  nothing; images are replaced by their prepared versions.
 Fitting follows diffusers' image processor (`engine.preprocess`); control maps are detected
-on the fitted image, except by detectors with a model (depth), which the detect stage runs on
+on the fitted image, except by detectors with a model (depth, segmentation), which the detect stage runs on
 the fitted image next. Masks are passed on as they are: the pipeline binarizes them itself.
 With `sink.save_control_maps` the control maps are written to `control_maps/` as they are made.
 """
