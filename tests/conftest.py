@@ -26,15 +26,18 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def project_dir(tmp_path_factory) -> Path:
-    """A folder laid out as `make demo` leaves it: outputs/tiny/<task>, outputs/fill50k."""
+    """A folder laid out as `make demo` leaves it: outputs/tiny/<task>, outputs/fill50k, and the
+    README's tiny annotators: outputs/tiny/dpt, outputs/tiny/blip."""
     from pixfleet.data.fill50k import make_fill50k
-    from pixfleet.models.tiny import make_tiny_pipeline
+    from pixfleet.models.tiny import make_tiny_captioner, make_tiny_depth_estimator, make_tiny_pipeline
 
     root = tmp_path_factory.mktemp("project")
     for task in TASKS:
         controlnets = 2 if task in MULTI_CONTROLNET_TASKS else 1
         make_tiny_pipeline(task, root / "outputs" / "tiny" / task, num_controlnets=controlnets)
     make_fill50k(root / "outputs" / "fill50k", n=16, size=64, seed=0)
+    make_tiny_depth_estimator(root / "outputs" / "tiny" / "dpt")
+    make_tiny_captioner(root / "outputs" / "tiny" / "blip")
     return root
 
 

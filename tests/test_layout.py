@@ -33,6 +33,15 @@ def test_the_jobs_never_import_each_other_and_the_engine_imports_none():
         assert not packages & set(JOBS), f"{path} imports {packages & set(JOBS)}"
 
 
+def test_annotation_stands_on_generation_and_no_job_imports_it():
+    """`pixfleet annotate` reuses the generation plan's sources and detect stage; the other way
+    round nothing depends on it."""
+    assert any("generation" in packages for packages in imported_packages("annotation").values())
+    for folder in (*JOBS, "engine", "models", "config", "data"):
+        for path, packages in imported_packages(folder).items():
+            assert "annotation" not in packages, f"{path} imports annotation"
+
+
 def test_the_engine_imports_neither_ray_nor_mlflow():
     modules = [f"pixfleet.engine.{p.stem}" for p in (PACKAGE / "engine").glob("*.py") if p.stem != "__init__"]
     code = (

@@ -1,4 +1,4 @@
-"""The `pixfleet` command line: generate, train, serve, submit, jobs, models, data."""
+"""The `pixfleet` command line: generate, annotate, train, serve, submit, jobs, models, data."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ app.add_typer(data_app, name="data")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(config_app, name="config")
 
-ConfigKind = StrEnum("ConfigKind", {kind: kind for kind in ("generate", "train", "serve")})
+ConfigKind = StrEnum("ConfigKind", {kind: kind for kind in ("generate", "train", "serve", "annotate")})
+AnnotatorKind = StrEnum("AnnotatorKind", {kind: kind for kind in ("depth", "segmentation", "caption")})
 TaskName = StrEnum("TaskName", {task: task for task in TASKS})
 ArchName = StrEnum("ArchName", {arch: arch for arch in ARCHITECTURES})
 WeightDtype = StrEnum("WeightDtype", {dtype: dtype for dtype in ("float32", "float16", "bfloat16")})
@@ -62,7 +63,7 @@ def config_show(
 
 @config_app.command("validate")
 def config_validate(
-    config: Annotated[Path, typer.Argument(help="A generation, training or serving YAML.")],
+    config: Annotated[Path, typer.Argument(help="A generation, training, serving or annotate YAML.")],
     set_: SetOption = None,
 ) -> None:
     """Check a config file (and its overrides) without running anything; exit 2 naming each problem."""
@@ -102,6 +103,25 @@ def make_tiny(
     except ValueError as error:
         _fail(str(error))
     typer.echo(f"saved tiny {task.value} pipeline to {out}")
+
+
+@models_app.command("make-tiny-annotator")
+def make_tiny_annotator(
+    kind: Annotated[AnnotatorKind, typer.Option(help="depth or segmentation detector, or captioner.")],
+    out: Annotated[Path, typer.Option(help="Folder to save the model and its processor in.")],
+    seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+) -> None:
+    """Build a tiny random detector or captioner model (DPT, SegFormer, BLIP) and save it with
+    save_pretrained: what `detector.model` and `caption.model` load offline."""
+    from pixfleet.models import tiny
+
+    makers = {
+        "depth": tiny.make_tiny_depth_estimator,
+        "segmentation": tiny.make_tiny_segmenter,
+        "caption": tiny.make_tiny_captioner,
+    }
+    makers[kind.value](out, seed=seed)
+    typer.echo(f"saved tiny {kind.value} model to {out}")
 
 
 @models_app.command("make-random")
@@ -166,6 +186,38 @@ def generate(
     except UserError as error:
         _fail(str(error), error.exit_code)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the MLflow run is already marked KILLED
+        typer.secho("interrupted; rerun the same command to resume", fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    typer.echo(summary.render())
+
+
+@app.command()
+def annotate(
+    config: Annotated[Path, typer.Argument(help="Annotate job YAML.")],
+    set_: SetOption = None,
+    address: AddressOption = None,
+    ray_progress: Annotated[
+        bool, typer.Option(help="Show Ray Data's per-operator progress bars beside pixfleet's line.")
+    ] = False,
+) -> None:
+    """Turn raw photos into a ControlNet training set: control maps from a detector, captions
+    from the source, a model or a template, filters; resumable.
+
+    Example: pixfleet annotate pipelines_cfg/annotate_depth.yaml --set source.limit=100
+
+    Exit codes: 0 done; 2 a config or source problem; 3 stopped past max_failed_fraction;
+    130 interrupted (rerun to resume).
+    """
+    from pixfleet.annotation.job import run_annotation
+    from pixfleet.config import load_config
+    from pixfleet.config.annotation import AnnotateJobConfig
+
+    try:
+        job = load_config(AnnotateJobConfig, config, set_ or [])
+        summary = run_annotation(job, address=address or os.environ.get("RAY_ADDRESS"), ray_progress=ray_progress)
+    except UserError as error:
+        _fail(str(error), error.exit_code)
+    except KeyboardInterrupt:
         typer.secho("interrupted; rerun the same command to resume", fg=typer.colors.YELLOW, err=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None
     typer.echo(summary.render())

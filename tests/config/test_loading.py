@@ -8,11 +8,15 @@ import pytest
 import yaml
 
 from pixfleet.config import ConfigError, GenerationJobConfig, load_config
+from pixfleet.config.annotation import AnnotateJobConfig
 from pixfleet.config.serving import ServingConfig
 from pixfleet.config.training import TrainingJobConfig
 
 PIPELINES_CFG = Path(__file__).resolve().parents[2] / "pipelines_cfg"
-GENERATION_YAMLS = sorted(p for p in PIPELINES_CFG.glob("*.yaml") if not p.name.startswith(("train_", "serve_")))
+GENERATION_YAMLS = sorted(
+    p for p in PIPELINES_CFG.glob("*.yaml") if not p.name.startswith(("train_", "serve_", "annotate_"))
+)
+ANNOTATE_YAMLS = sorted(PIPELINES_CFG.glob("annotate_*.yaml"))
 TRAINING_YAMLS = sorted(PIPELINES_CFG.glob("train_*.yaml"))
 SERVING_YAMLS = sorted(PIPELINES_CFG.glob("serve_*.yaml"))
 
@@ -44,6 +48,14 @@ def test_every_training_yaml_validates(project_dir, monkeypatch, path):
     job = load_config(TrainingJobConfig, path)
     assert job.name == path.stem
     assert job.registry.alias == "champion"
+
+
+@pytest.mark.parametrize("path", ANNOTATE_YAMLS, ids=lambda p: p.stem)
+def test_every_annotate_yaml_validates(project_dir, monkeypatch, path):
+    monkeypatch.chdir(project_dir)
+    job = load_config(AnnotateJobConfig, path)
+    assert job.name == path.stem
+    assert job.detector.detector == "depth" and job.caption.model
 
 
 def test_the_16_12_and_8_gb_recipes_of_train_controlnet_are_shipped(project_dir, monkeypatch):

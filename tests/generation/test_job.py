@@ -14,7 +14,7 @@ from PIL import Image
 from pixfleet.config import ConfigError
 from pixfleet.engine import columns as C
 from pixfleet.engine.params import derive_seed, input_key
-from pixfleet.generation.job import GenerationFailed, run_generation
+from pixfleet.generation.job import TooManyFailures, run_generation
 from pixfleet.models.loading import ModelLoadError, load_pipeline
 from tests.helpers import direct_call, png_bytes, random_image, tiny_job, tiny_spec
 
@@ -125,7 +125,7 @@ def test_too_many_failures_stop_the_job_and_keep_what_was_written(tiny_dir, tmp_
     job = _id_and_image_manifest_job(
         tiny_dir, manifest_path, out, max_failed_fraction=0.25, resources={"batch_size": 2}
     )
-    with pytest.raises(GenerationFailed, match=r"rows failed, over max_failed_fraction=0.25; first: rows.jsonl:\d: "):
+    with pytest.raises(TooManyFailures, match=r"rows failed, over max_failed_fraction=0.25; first: rows.jsonl:\d: "):
         run_generation(job)
     runs = mlflow.search_runs(experiment_names=["tests"], output_format="list")
     assert runs[0].info.status == "FAILED"
@@ -203,7 +203,7 @@ def test_a_job_stopped_by_its_failure_budget_exits_3(tiny_dir, tmp_path, monkeyp
     from tests.helpers import write_job_yaml
 
     def over_budget(*args, **kwargs):
-        raise GenerationFailed("5 of 8 rows failed, over max_failed_fraction=0.25; first: rows.jsonl:1: ...")
+        raise TooManyFailures("5 of 8 rows failed, over max_failed_fraction=0.25; first: rows.jsonl:1: ...")
 
     monkeypatch.setattr(generation_job, "run_generation", over_budget)
     path = write_job_yaml(tiny_job(tiny_dir, "controlnet", tmp_path, tmp_path / "out"), tmp_path / "job.yaml")

@@ -13,6 +13,7 @@ import annotated_types
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
+from pixfleet.config.annotation import AnnotateJobConfig
 from pixfleet.config.generation import GenerationJobConfig
 from pixfleet.config.loading import ConfigError
 from pixfleet.config.serving import ServingConfig
@@ -22,6 +23,7 @@ KINDS: dict[str, type[BaseModel]] = {
     "generate": GenerationJobConfig,
     "train": TrainingJobConfig,
     "serve": ServingConfig,
+    "annotate": AnnotateJobConfig,
 }
 _BOUNDS = {
     annotated_types.Ge: (">=", "ge"),
@@ -46,6 +48,8 @@ def kind_of(data: dict[str, Any]) -> str:
         return "train"
     if "models" in data:
         return "serve"
+    if "detector" in data:
+        return "annotate"
     return "generate"
 
 

@@ -27,7 +27,7 @@ from pixfleet.tracking import mlflow_run, tracking_uri
 SHOWN_FAILURES = 5
 
 
-class GenerationFailed(UserError, RuntimeError):
+class TooManyFailures(UserError, RuntimeError):
     """The job stopped: too many rows failed. Rows already written stay written."""
 
     exit_code = 3  # not a config problem: rerunning resumes once the inputs are fixed
@@ -84,7 +84,7 @@ def run_generation(
     check_model_folders(resolved.model)
     model = ModelIdentity.of(resolved.model, named=job.model)
     ensure_ray(address)
-    _quiet_ray_data(ray_progress)
+    quiet_ray_data(ray_progress)
     source = open_source(job.source, job.model.task, job.model.num_controlnets, job.resources.rows_per_block)
 
     # 2. Resume: rows an earlier run wrote are skipped.
@@ -110,7 +110,7 @@ def run_generation(
                 _count(summary, batch)
                 progress.update(summary)
                 if summary.rows_failed > budget:
-                    raise GenerationFailed(
+                    raise TooManyFailures(
                         f"{summary.rows_failed} of {source.num_rows} rows failed, over "
                         f"max_failed_fraction={job.max_failed_fraction}; first: {summary.failures[0]}"
                     )
@@ -125,7 +125,7 @@ def run_generation(
     return summary
 
 
-def _quiet_ray_data(ray_progress: bool) -> None:
+def quiet_ray_data(ray_progress: bool) -> None:
     """Ray Data's per-operator bars and plan printouts bury the job's own line; keep them off
     unless asked for."""
     import ray.data

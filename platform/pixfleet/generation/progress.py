@@ -25,11 +25,12 @@ class Counts:
     rows_ok: int = 0
     rows_failed: int = 0
     rows_skipped: int = 0
+    rows_filtered: int = 0  # kept out by a filter (annotate jobs)
     images_ok: int = 0
 
     @property
     def rows_done(self) -> int:
-        return self.rows_ok + self.rows_failed + self.rows_skipped
+        return self.rows_ok + self.rows_failed + self.rows_skipped + self.rows_filtered
 
 
 class ProgressLine:
@@ -53,12 +54,13 @@ class ProgressLine:
     def render(self, counts: Counts, elapsed: float) -> str:
         rate = counts.images_ok / elapsed if elapsed > 0 else 0.0
         # Skipped rows cost nothing: the ETA counts only rows this run computes.
-        computed = counts.rows_ok + counts.rows_failed
+        computed = counts.rows_ok + counts.rows_failed + counts.rows_filtered
         remaining = counts.rows_in - counts.rows_done
         eta = format_duration(remaining * elapsed / computed) if computed and remaining else "-"
         width = len(str(counts.rows_in))
+        filtered = f"filtered {counts.rows_filtered}  " if counts.rows_filtered else ""
         return (
-            f"rows {counts.rows_done:>{width}}/{counts.rows_in}  ok {counts.rows_ok}  "
+            f"rows {counts.rows_done:>{width}}/{counts.rows_in}  ok {counts.rows_ok}  {filtered}"
             f"failed {counts.rows_failed}  skipped {counts.rows_skipped}  |  {rate:.2f} images/s  |  ETA {eta}"
         )
 

@@ -101,7 +101,16 @@ def open_source(config: SourceConfig, task: str, num_controlnets: int, rows_per_
     block, so small blocks keep every stage busy at once and a failure loses only a block, but
     each block costs every stage a task, which large blocks amortize.
     """
-    roles = ImageRoles.for_task(task, config, num_controlnets)
+    return _open(config, task, ImageRoles.for_task(task, config, num_controlnets), rows_per_block)
+
+
+def open_image_source(config: SourceConfig, rows_per_block: int) -> Source:
+    """Rows of one image each (`source_image_column`) and its caption (`prompt_column`), for jobs
+    that read photos rather than generation inputs; other columns are not parameters here."""
+    return _open(config, None, ImageRoles({C.SOURCE_IMAGE: config.source_image_column}), rows_per_block)
+
+
+def _open(config: SourceConfig, task: str | None, roles: ImageRoles, rows_per_block: int) -> Source:
     readers = {
         "folder": _folder,
         "manifest": _table,
@@ -115,7 +124,7 @@ def _in_blocks(table: pd.DataFrame, rows_per_block: int) -> ray.data.Dataset:
     return ray.data.from_pandas([table.iloc[i : i + rows_per_block] for i in range(0, len(table), rows_per_block)])
 
 
-def _folder(config: SourceConfig, task: str, roles: ImageRoles, rows_per_block: int) -> Source:
+def _folder(config: SourceConfig, task: str | None, roles: ImageRoles, rows_per_block: int) -> Source:
     """Each image is a row: it feeds every image role but the mask; the prompt is the default."""
     root = Path(config.path)
     if not root.is_dir():
@@ -134,7 +143,7 @@ def _folder(config: SourceConfig, task: str, roles: ImageRoles, rows_per_block: 
     return Source(dataset, len(table), f"folder {root} ({len(table)} images)", roles.labels(folder=True))
 
 
-def _table(config: SourceConfig, task: str, roles: ImageRoles, rows_per_block: int) -> Source:
+def _table(config: SourceConfig, task: str | None, roles: ImageRoles, rows_per_block: int) -> Source:
     """A manifest, imagefolder metadata or `datasets` folder: image paths or bytes per row."""
     columns = dict(roles.mapping)
     if config.id_column:
@@ -143,7 +152,7 @@ def _table(config: SourceConfig, task: str, roles: ImageRoles, rows_per_block: i
         Path(config.path), columns, set(roles.mapping.values()), config.limit, field="source.path"
     )
     table = loaded.table
-    parameter_columns = [name for name in GenerationParams.model_fields if name in table and name != "prompt"]
+    parameter_columns = [name for name in GenerationParams.model_fields if task and name in table and name != "prompt"]
     filled = [name for name in parameter_columns if any(_cell(v, False) is not _UNSET for v in table[name])]
     unused = unused_parameters(task, filled)  # an empty column of a shared manifest is fine
     if unused:
@@ -165,7 +174,7 @@ def _table(config: SourceConfig, task: str, roles: ImageRoles, rows_per_block: i
     return Source(dataset, len(table), f"{config.path} ({len(table)} rows)", roles.labels(folder=False))
 
 
-def _webdataset(config: SourceConfig, task: str, roles: ImageRoles, rows_per_block: int) -> Source:
+def _webdataset(config: SourceConfig, task: str | None, roles: ImageRoles, rows_per_block: int) -> Source:
     """Tar shards; a sample's files are columns by extension key (`control.png`, `txt`, `json`)."""
     import tarfile
 

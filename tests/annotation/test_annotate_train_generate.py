@@ -1,0 +1,94 @@
+"""The platform's loop on one machine: raw photos -> annotate (depth maps, captions) -> train a
+ControlNet on that set -> register it -> generate with it and the same detector."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pixfleet.annotation.dataset import JsonLines
+from pixfleet.annotation.job import run_annotation
+from pixfleet.config import GenerationJobConfig
+from pixfleet.config.annotation import AnnotateJobConfig
+from pixfleet.config.training import TrainingJobConfig
+from pixfleet.data.fill50k import fill50k_row
+from pixfleet.engine import columns as C
+from pixfleet.generation.job import run_generation
+from pixfleet.models.tiny import make_tiny_captioner, make_tiny_depth_estimator
+from pixfleet.training.trainer import run_training
+from tests.helpers import tiny_spec
+
+pytestmark = [pytest.mark.timeout(420), pytest.mark.usefixtures("ray_session")]
+
+
+def test_photos_to_training_set_to_controlnet_to_images(tiny_dir, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(11)
+    for i in range(8):
+        fill50k_row(rng, 48)[0].save(photos / f"{i}.jpg", quality=95)
+    depth = str(make_tiny_depth_estimator(tmp_path / "tiny-dpt"))
+    tracking = {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "loop"}
+
+    annotated = run_annotation(
+        AnnotateJobConfig.model_validate(
+            {
+                "source": {"path": str(photos)},
+                "detector": {"detector": "depth", "model": depth},
+                "resolution": 32,
+                "caption": {"model": str(make_tiny_captioner(tmp_path / "tiny-blip")), "max_new_tokens": 5},
+                "output_dir": str(tmp_path / "training_set"),
+                "tracking": tracking,
+            }
+        )
+    )
+    assert (annotated.rows_ok, annotated.rows_failed) == (8, 0)
+    captions = [line["text"] for line in JsonLines(tmp_path / "training_set" / "metadata.jsonl").read()]
+    assert len(captions) == 8 and all(len(caption.split()) == 5 for caption in captions)
+
+    trained = run_training(
+        TrainingJobConfig.model_validate(
+            {
+                "name": "depth-from-photos",
+                "train": {
+                    "pretrained_model_name_or_path": str(tiny_dir / "controlnet"),
+                    "train_data_dir": str(tmp_path / "training_set"),
+                    "output_dir": str(tmp_path / "controlnet"),
+                    "resolution": 32,
+                    "train_batch_size": 4,
+                    "max_train_steps": 4,
+                    "learning_rate": 1e-3,
+                    "lr_warmup_steps": 0,
+                    "seed": 0,
+                },
+                "distributed": {"strategy": "ddp", "num_workers": 1, "storage_path": str(tmp_path / "ray_train")},
+                "tracking": tracking,
+                "registry": {"model_name": "depth-from-photos", "alias": "champion"},
+            }
+        )
+    )
+    assert trained.model_version == "models:/depth-from-photos/1"
+
+    spec = tiny_spec(tiny_dir, "controlnet").model_copy(update={"controlnets": ["models:/depth-from-photos@champion"]})
+    generated = run_generation(
+        GenerationJobConfig.model_validate(
+            {
+                "model": spec.model_dump(),
+                "source": {"path": str(photos)},
+                "preprocess": {"width": 32, "height": 32, "control": [{"detector": "depth", "model": depth}]},
+                "params": {"prompt": "a circle", "num_inference_steps": 2},
+                "sink": {"output_dir": str(tmp_path / "generated"), "save_control_maps": True},
+                "tracking": tracking,
+            }
+        )
+    )
+    assert (generated.images_ok, generated.rows_failed) == (8, 0)
+    manifest = pd.read_parquet(tmp_path / "generated" / "manifest.parquet")
+    assert all("depth-from-photos" in model for model in manifest["model"])
+    for row in manifest.to_dict("records"):
+        assert np.asarray(Image.open(row[C.OUTPUT_PATH])).shape == (32, 32, 3)
+        assert Path(row[C.CONTROL_MAPS][0]).exists()
