@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml
 	# torch first: this pin takes the CPU build that lies on disk instead of a CUDA download.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[test]'
+	# DeepSpeed compiles its CPU ops (Adam for ZeRO-Offload, shared-memory collectives) the first
+	# time a run needs them, minutes on a small machine: build them once, into torch's extension cache.
+	$(BIN)/python -c "from deepspeed.ops.op_builder import CPUAdamBuilder, ShareMemCommBuilder; \
+		[builder().load(verbose=False) for builder in (CPUAdamBuilder, ShareMemCommBuilder)]"
 	touch $(STAMP)
 
 install: $(STAMP)

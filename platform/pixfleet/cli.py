@@ -38,6 +38,10 @@ AddressOption = Annotated[
     typer.Option(help="Ray cluster address; unset uses $RAY_ADDRESS or an embedded local Ray."),
 ]
 
+RayProgressOption = Annotated[
+    bool, typer.Option(help="Show Ray Data's per-operator progress bars beside pixfleet's line.")
+]
+
 
 EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM; user errors exit with their own code (2, or 3)
 
@@ -79,6 +83,21 @@ def config_validate(
     except UserError as error:
         _fail(str(error), error.exit_code)
     typer.echo(f"{config}: a valid {kind} config")
+
+
+def _run_bulk_job(config_class, run, config: Path, set_: list[str] | None, address, ray_progress: bool) -> None:
+    """Load the config, run the Ray Data job, print its summary; errors and interrupts as exit codes."""
+    from pixfleet.config import load_config
+
+    try:
+        job = load_config(config_class, config, set_ or [])
+        summary = run(job, address=address or os.environ.get("RAY_ADDRESS"), ray_progress=ray_progress)
+    except UserError as error:
+        _fail(str(error), error.exit_code)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the MLflow run is already marked KILLED
+        typer.secho("interrupted; rerun the same command to resume", fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    typer.echo(summary.render())
 
 
 @models_app.command("make-tiny")
@@ -165,9 +184,7 @@ def generate(
     config: Annotated[Path, typer.Argument(help="Generation job YAML.")],
     set_: SetOption = None,
     address: AddressOption = None,
-    ray_progress: Annotated[
-        bool, typer.Option(help="Show Ray Data's per-operator progress bars beside pixfleet's line.")
-    ] = False,
+    ray_progress: RayProgressOption = False,
 ) -> None:
     """Run a bulk generation job on Ray Data.
 
@@ -177,18 +194,10 @@ def generate(
     Exit codes: 0 done; 2 a config, source or model problem (nothing ran); 3 stopped past
     max_failed_fraction (rows written stay, rerun to resume); 130 interrupted.
     """
-    from pixfleet.config import GenerationJobConfig, load_config
+    from pixfleet.config import GenerationJobConfig
     from pixfleet.generation.job import run_generation
 
-    try:
-        job = load_config(GenerationJobConfig, config, set_ or [])
-        summary = run_generation(job, address=address or os.environ.get("RAY_ADDRESS"), ray_progress=ray_progress)
-    except UserError as error:
-        _fail(str(error), error.exit_code)
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the MLflow run is already marked KILLED
-        typer.secho("interrupted; rerun the same command to resume", fg=typer.colors.YELLOW, err=True)
-        raise typer.Exit(EXIT_INTERRUPTED) from None
-    typer.echo(summary.render())
+    _run_bulk_job(GenerationJobConfig, run_generation, config, set_, address, ray_progress)
 
 
 @app.command()
@@ -196,9 +205,7 @@ def annotate(
     config: Annotated[Path, typer.Argument(help="Annotate job YAML.")],
     set_: SetOption = None,
     address: AddressOption = None,
-    ray_progress: Annotated[
-        bool, typer.Option(help="Show Ray Data's per-operator progress bars beside pixfleet's line.")
-    ] = False,
+    ray_progress: RayProgressOption = False,
 ) -> None:
     """Turn raw photos into a ControlNet training set: control maps from a detector, captions
     from the source, a model or a template, filters; resumable.
@@ -209,18 +216,9 @@ def annotate(
     130 interrupted (rerun to resume).
     """
     from pixfleet.annotation.job import run_annotation
-    from pixfleet.config import load_config
     from pixfleet.config.annotation import AnnotateJobConfig
 
-    try:
-        job = load_config(AnnotateJobConfig, config, set_ or [])
-        summary = run_annotation(job, address=address or os.environ.get("RAY_ADDRESS"), ray_progress=ray_progress)
-    except UserError as error:
-        _fail(str(error), error.exit_code)
-    except KeyboardInterrupt:
-        typer.secho("interrupted; rerun the same command to resume", fg=typer.colors.YELLOW, err=True)
-        raise typer.Exit(EXIT_INTERRUPTED) from None
-    typer.echo(summary.render())
+    _run_bulk_job(AnnotateJobConfig, run_annotation, config, set_, address, ray_progress)
 
 
 @app.command()

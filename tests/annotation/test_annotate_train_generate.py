@@ -56,7 +56,8 @@ def test_photos_to_training_set_to_controlnet_to_images(tiny_dir, tmp_path):
                 "name": "depth-from-photos",
                 "train": {
                     "pretrained_model_name_or_path": str(tiny_dir / "controlnet"),
-                    "train_data_dir": str(tmp_path / "training_set"),
+                    "dataset_name": str(tmp_path / "training_set"),  # through datasets.load_dataset
+                    "mixed_precision": None,
                     "output_dir": str(tmp_path / "controlnet"),
                     "resolution": 32,
                     "train_batch_size": 4,

@@ -11,6 +11,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
+from PIL import Image
 
 from pixfleet.config.training import TrainingJobConfig
 from pixfleet.models.registry import resolve_registry_models
@@ -76,6 +77,7 @@ def test_ddp_loss_falls_and_the_controlnet_loads_from_folder_and_registry(tiny_d
         validation_image=[image],
         num_validation_images=2,
         validation_steps=24,
+        report_to="all",
     )
     summary = run_training(job)
 
@@ -91,6 +93,14 @@ def test_ddp_loss_falls_and_the_controlnet_loads_from_folder_and_registry(tiny_d
     assert run.data.metrics["samples_per_second"] > 0 and run.data.metrics["lr"] == pytest.approx(1e-3)
     client = mlflow.MlflowClient()
     assert [a.path for a in client.list_artifacts(run.info.run_id, "validation")] == ["validation/step_000024.png"]
+    # As the script keeps them: the grids and TensorBoard's events beside the weights, not in the model.
+    output = Path(summary.output_dir)
+    assert Image.open(output / "validation" / "step_000024.png").size == (32 * 3, 32)
+    assert list((output / "logs" / "run").glob("events.out.tfevents.*"))
+    assert sorted(a.path for a in client.list_artifacts(run.info.run_id, "controlnet")) == [
+        "controlnet/config.json",
+        "controlnet/diffusion_pytorch_model.safetensors",
+    ]
 
     # The saved ControlNet (safetensors) loads into a plain diffusers pipeline and generates.
     assert (Path(summary.output_dir) / "diffusion_pytorch_model.safetensors").exists()

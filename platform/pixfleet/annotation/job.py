@@ -19,7 +19,7 @@ from pixfleet.config import ConfigError
 from pixfleet.config.annotation import AnnotateJobConfig
 from pixfleet.config.generation import ResourcesConfig
 from pixfleet.engine import columns as C
-from pixfleet.generation.job import TooManyFailures, quiet_ray_data, sample_grid
+from pixfleet.generation.job import failure_lines, quiet_ray_data, sample_grid, stop_past_failure_budget
 from pixfleet.generation.plan import SOURCE_COLUMNS, check_chain
 from pixfleet.generation.progress import Counts, ProgressLine
 from pixfleet.generation.sources import Source, open_image_source
@@ -27,7 +27,6 @@ from pixfleet.generation.stages import PlannedStage
 from pixfleet.generation.stages.detect_stage import DetectStage
 from pixfleet.tracking import mlflow_run
 
-SHOWN_FAILURES = 5
 TASK_CPUS = 0.5  # what the read, prepare, check and write tasks need free beside the actors
 
 
@@ -57,10 +56,7 @@ class AnnotateSummary(Counts):
             f"training set       {self.output_dir} (metadata.jsonl; every row in manifest.jsonl)",
             f"mlflow run         {self.mlflow_run_id or '-'}",
         ]
-        lines += [f"  failed: {failure}" for failure in self.failures[:SHOWN_FAILURES]]
-        if len(self.failures) > SHOWN_FAILURES:
-            lines.append(f"  ... and {len(self.failures) - SHOWN_FAILURES} more (status 'failed' in manifest.jsonl)")
-        return "\n".join(lines)
+        return "\n".join(lines + failure_lines(self.failures, "manifest.jsonl"))
 
 
 def plan_stages(job: AnnotateJobConfig, finished_row_ids: frozenset[str]) -> list[PlannedStage]:
@@ -97,7 +93,6 @@ def run_annotation(job: AnnotateJobConfig, address: str | None = None, ray_progr
     quiet_ray_data(ray_progress)
     source = open_image_source(job.source.as_source(), job.resources.rows_per_block)
     summary = AnnotateSummary(rows_in=source.num_rows, output_dir=str(Path(job.output_dir).resolve()))
-    budget = job.max_failed_fraction * source.num_rows
     with mlflow_run(job.tracking, job.name, job.model_dump(mode="json")) as mlflow:
         if mlflow:
             summary.mlflow_run_id = mlflow.active_run().info.run_id
@@ -108,11 +103,7 @@ def run_annotation(job: AnnotateJobConfig, address: str | None = None, ray_progr
             for batch in build_plan(job, source, writer.finished).iter_batches(batch_format="pandas", batch_size=None):
                 _count(summary, writer.record(batch))
                 progress.update(summary)
-                if summary.rows_failed > budget:
-                    raise TooManyFailures(
-                        f"{summary.rows_failed} of {source.num_rows} rows failed, over "
-                        f"max_failed_fraction={job.max_failed_fraction}; first: {summary.failures[0]}"
-                    )
+                stop_past_failure_budget(summary, summary.failures, job.max_failed_fraction)
         finally:
             summary.seconds = time.perf_counter() - start
             progress.close(summary)

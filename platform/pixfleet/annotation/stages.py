@@ -223,8 +223,10 @@ class CaptionStage:
 
 
 class WriteStage:
-    """Photo and map as PNGs named by row id, written atomically (CPU tasks); the arrays stay
-    here, the driver gets the rows' records."""
+    """Photo and map as PNGs named by row id, written atomically (CPU tasks, fused with the check
+    stage: the same CPU share lets Ray Data run them as one task, which it schedules as blocks
+    leave the detector; on their own, the writes waited for the detector to finish); the
+    arrays stay here, the driver gets the rows' records."""
 
     def __init__(self, output_dir: str):
         self.root = Path(output_dir)
@@ -233,7 +235,7 @@ class WriteStage:
     @classmethod
     def plan(cls, output_dir: str) -> PlannedStage:
         stage = cls(output_dir)
-        return PlannedStage(stage, stage.needs, (), {"num_cpus": LIGHT_CPU * 1.5})
+        return PlannedStage(stage, stage.needs, (), {"num_cpus": LIGHT_CPU})
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         C.require_columns(batch, self.needs, "write stage")

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import BeforeValidator, Field, model_validator
 
 from pixfleet.config.base import StrictModel
 from pixfleet.config.paths import ExistingPath, ModelOrPath
@@ -49,15 +49,46 @@ class ControlNetTrainingArgs(StrictModel):
     adam_weight_decay: float = Field(1e-2, ge=0, description="Weight decay.")
     adam_epsilon: float = Field(1e-8, gt=0, description="Adam epsilon.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
-    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Autocast precision of frozen parts.")
+    mixed_precision: Annotated[
+        Literal["no", "fp16", "bf16"],
+        BeforeValidator(lambda value: "no" if value is None else value),
+        Field(description="Autocast precision of frozen parts; null (the script's default) means 'no'."),
+    ] = "no"
     enable_xformers_memory_efficient_attention: bool = Field(False, description="Use xformers attention.")
     set_grads_to_none: bool = Field(False, description="zero_grad(set_to_none=True): saves memory.")
     allow_tf32: bool = Field(
         False, description="TF32 matmuls and convolutions on Ampere and newer GPUs: faster fp32, slightly less exact."
     )
-    train_data_dir: ExistingPath = Field(
-        description="Training data: imagefolder with metadata.jsonl, parquet, or a save_to_disk folder."
+    train_data_dir: ExistingPath | None = Field(
+        None,
+        description="Training data: an imagefolder with metadata.jsonl, a .jsonl/.csv/.parquet file, a folder of "
+        "parquet files (as load_dataset('parquet', data_dir=...) reads it), or a save_to_disk folder.",
     )
+    dataset_name: str | None = Field(
+        None,
+        description="Instead of train_data_dir: what `datasets.load_dataset` takes (a hub dataset, a local dataset "
+        "folder or loading script); its 'train' split.",
+    )
+    dataset_config_name: str | None = Field(None, description="The dataset's configuration, with dataset_name.")
+    cache_dir: str | None = Field(None, description="Where `datasets` and `from_pretrained` cache downloads.")
+    tokenizer_name: ModelOrPath | None = Field(
+        None, description="Tokenizer to use instead of the base model's (hub id or folder)."
+    )
+    dataloader_num_workers: int = Field(
+        0, ge=0, description="Preprocessing actors feeding the workers (0 and 1: one, as the script's main process)."
+    )
+    report_to: Literal["mlflow", "tensorboard", "all"] = Field(
+        "mlflow",
+        description="Where metrics go: MLflow (always, with tracking.enabled), 'tensorboard' or 'all' adds "
+        "TensorBoard event files under output_dir/logging_dir (rank 0's machine).",
+    )
+    logging_dir: str = Field("logs", description="TensorBoard log folder, relative to output_dir.")
+    tracker_project_name: str | None = Field(
+        None, description="The MLflow experiment (sets tracking.experiment), as the script names its tracker."
+    )
+    push_to_hub: bool = Field(False, description="Refused: no hub is reachable; register in MLflow (registry).")
+    hub_model_id: str | None = Field(None, description="Refused with push_to_hub; use registry.model_name.")
+    hub_token: str | None = Field(None, description="Refused with push_to_hub; MLflow needs no hub token.")
     image_column: str = Field("image", description="Column with the target images.")
     conditioning_image_column: str = Field("conditioning_image", description="Column with the control images.")
     caption_column: str = Field("text", description="Column with the captions.")
@@ -71,6 +102,22 @@ class ControlNetTrainingArgs(StrictModel):
     )
     num_validation_images: int = Field(4, ge=1, description="Images per validation prompt.")
     validation_steps: int = Field(100, ge=1, description="Run validation every N steps.")
+
+    @model_validator(mode="after")
+    def _data_from_one_place(self) -> ControlNetTrainingArgs:
+        if (self.train_data_dir is None) == (self.dataset_name is None):
+            raise ValueError("set one of train_data_dir (a local folder or file) and dataset_name (load_dataset)")
+        return self
+
+    @model_validator(mode="after")
+    def _no_hub(self) -> ControlNetTrainingArgs:
+        hub = [name for name in ("push_to_hub", "hub_model_id", "hub_token") if getattr(self, name)]
+        if hub:
+            raise ValueError(
+                f"{hub[0]}: no model hub is reachable from the cluster; register the trained ControlNet in MLflow "
+                "with registry.model_name (and registry.alias), and load it as models:/NAME@ALIAS"
+            )
+        return self
 
     @model_validator(mode="after")
     def _validation_pairs(self) -> ControlNetTrainingArgs:
@@ -122,3 +169,19 @@ class TrainingJobConfig(StrictModel):
     distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="Ray Train setup.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow.")
     registry: RegistryConfig = Field(default_factory=RegistryConfig, description="Model registry.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tracker_project_name_is_the_experiment(cls, data: Any) -> Any:
+        """The script's tracker project is the MLflow experiment."""
+        train = data.get("train") if isinstance(data, dict) else None
+        name = train.get("tracker_project_name") if isinstance(train, dict) else None
+        if not name:
+            return data
+        tracking = dict(data.get("tracking") or {})
+        if tracking.setdefault("experiment", name) != name:
+            raise ValueError(
+                f"train.tracker_project_name {name!r} and tracking.experiment {tracking['experiment']!r} "
+                "name two experiments; set one"
+            )
+        return {**data, "tracking": tracking}

@@ -56,22 +56,28 @@ def read_image_table(
     """
     if path.is_dir() and is_datasets_folder(path):
         loaded = _datasets_folder(path, image_columns, limit, field)
+    elif path.is_dir() and not metadata_file(path) and parquet_files(path):
+        loaded = _parquet_folder(path, limit, field)
     else:
         file = metadata_file(path) if path.is_dir() else path
         if file is None or file.suffix not in MANIFEST_SUFFIXES:
             raise ConfigError(f"{field} {path}: not a .jsonl, .csv or .parquet table or a folder with one")
         loaded = _manifest_file(file, limit, field)
-    if loaded.table.empty:
-        raise ConfigError(f"{field} {path}: no rows")
-    missing = [f"{label} ({name})" for label, name in columns.items() if name not in loaded.table.columns]
-    if missing:
-        raise ConfigError(
-            f"{field} {path}: no column for {', '.join(missing)}; columns are {', '.join(loaded.table.columns)}"
-        )
+    _check_columns(loaded, columns, field, path)
     base = loaded.path if loaded.path.is_dir() else loaded.path.parent
     for column in image_columns:
         loaded.table[column] = [_image_ref(value, base) for value in loaded.table[column]]
     return loaded
+
+
+def _check_columns(loaded: ImageTable, columns: Mapping[str, str], field: str, where: Any) -> None:
+    if loaded.table.empty:
+        raise ConfigError(f"{field} {where}: no rows")
+    missing = [f"{label} ({name})" for label, name in columns.items() if name not in loaded.table.columns]
+    if missing:
+        raise ConfigError(
+            f"{field} {where}: no column for {', '.join(missing)}; columns are {', '.join(loaded.table.columns)}"
+        )
 
 
 def _manifest_file(path: Path, limit: int | None, field: str) -> ImageTable:
@@ -108,6 +114,47 @@ def _jsonl(path: Path, field: str) -> pd.DataFrame:
     return pd.DataFrame(records, dtype=object)
 
 
+def parquet_files(folder: Path) -> list[Path]:
+    """The parquet files `load_dataset("parquet", data_dir=folder)` would read: in the folder, or
+    under `data/` as hub datasets lay them out."""
+    return sorted(folder.glob("*.parquet")) or sorted((folder / "data").glob("*.parquet"))
+
+
+def _parquet_folder(path: Path, limit: int | None, field: str) -> ImageTable:
+    files = parquet_files(path)
+    try:
+        tables = [pq.read_table(f).to_pandas(integer_object_nulls=True) for f in files]
+    except Exception as error:
+        raise ConfigError(f"{field} {path}: cannot read its parquet files ({one_line(error)})") from None
+    refs = [f"{f.name}:{i + 1}" for f, table in zip(files, tables, strict=True) for i in range(len(table))]
+    table = pd.concat(tables, ignore_index=True)
+    table, refs = (table.head(limit), refs[:limit]) if limit else (table, refs)
+    return ImageTable(table.reset_index(drop=True), refs, path)
+
+
+def load_dataset_table(
+    name: str,
+    config_name: str | None,
+    cache_dir: str | None,
+    columns: Mapping[str, str],
+    image_columns: set[str],
+    limit: int | None,
+    field: str,
+) -> ImageTable:
+    """The 'train' split of `datasets.load_dataset(name, config_name)`, checked like `read_image_table`."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, config_name, cache_dir=cache_dir)
+    except Exception as error:
+        raise ConfigError(f"{field} {name}: load_dataset failed ({one_line(error)})") from None
+    loaded = _from_datasets(ds, Path(name), image_columns, limit)
+    _check_columns(loaded, columns, field, name)
+    for column in image_columns:
+        loaded.table[column] = [_image_ref(value, Path.cwd()) for value in loaded.table[column]]
+    return loaded
+
+
 def _datasets_folder(path: Path, image_columns: set[str], limit: int | None, field: str) -> ImageTable:
     import datasets
 
@@ -115,6 +162,12 @@ def _datasets_folder(path: Path, image_columns: set[str], limit: int | None, fie
         ds = datasets.load_from_disk(str(path))
     except Exception as error:
         raise ConfigError(f"{field} {path}: cannot load dataset ({error})") from None
+    return _from_datasets(ds, path, image_columns, limit)
+
+
+def _from_datasets(ds, path: Path, image_columns: set[str], limit: int | None) -> ImageTable:
+    import datasets
+
     if isinstance(ds, datasets.DatasetDict):
         ds = ds["train"] if "train" in ds else next(iter(ds.values()))
     if limit:

@@ -65,10 +65,24 @@ class GenerationSummary(Counts):
             f"gallery            {Path(self.output_dir) / 'gallery.html'}",
             f"mlflow run         {self.mlflow_run_id or '-'}",
         ]
-        lines += [f"  failed: {failure}" for failure in self.failures[:SHOWN_FAILURES]]
-        if len(self.failures) > SHOWN_FAILURES:
-            lines.append(f"  ... and {len(self.failures) - SHOWN_FAILURES} more (status 'failed' in manifest.parquet)")
-        return "\n".join(lines)
+        return "\n".join(lines + failure_lines(self.failures, "manifest.parquet"))
+
+
+def failure_lines(failures: list[str], manifest: str) -> list[str]:
+    """The first failures of a job's summary, and how many more the manifest holds."""
+    lines = [f"  failed: {failure}" for failure in failures[:SHOWN_FAILURES]]
+    if len(failures) > SHOWN_FAILURES:
+        lines.append(f"  ... and {len(failures) - SHOWN_FAILURES} more (status 'failed' in {manifest})")
+    return lines
+
+
+def stop_past_failure_budget(counts: Counts, failures: list[str], max_failed_fraction: float) -> None:
+    """TooManyFailures once more rows failed than the job allows."""
+    if counts.rows_failed > max_failed_fraction * counts.rows_in:
+        raise TooManyFailures(
+            f"{counts.rows_failed} of {counts.rows_in} rows failed, over "
+            f"max_failed_fraction={max_failed_fraction}; first: {failures[0]}"
+        )
 
 
 def run_generation(
@@ -95,7 +109,6 @@ def run_generation(
         gpus_per_actor=job.resources.num_gpus_per_actor,
         output_dir=str(Path(job.sink.output_dir).resolve()),
     )
-    budget = job.max_failed_fraction * source.num_rows
 
     # 3. Stream the plan; the manifest rows come back as batches finish.
     with mlflow_run(job.tracking, job.name, params) as mlflow:
@@ -109,11 +122,7 @@ def run_generation(
             for batch in plan.iter_batches(batch_format="pandas", batch_size=None):  # blocks as they finish
                 _count(summary, batch)
                 progress.update(summary)
-                if summary.rows_failed > budget:
-                    raise TooManyFailures(
-                        f"{summary.rows_failed} of {source.num_rows} rows failed, over "
-                        f"max_failed_fraction={job.max_failed_fraction}; first: {summary.failures[0]}"
-                    )
+                stop_past_failure_budget(summary, summary.failures, job.max_failed_fraction)
         finally:
             summary.seconds = time.perf_counter() - start
             progress.close(summary)

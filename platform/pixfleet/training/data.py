@@ -18,7 +18,7 @@ import ray.data
 
 from pixfleet.config import ConfigError
 from pixfleet.config.training import ControlNetTrainingArgs
-from pixfleet.data.tables import UnreadableImage, read_image_bytes, read_image_table
+from pixfleet.data.tables import UnreadableImage, load_dataset_table, read_image_bytes, read_image_table
 from pixfleet.engine.images import RowError, decode_image
 from pixfleet.engine.preprocess import fit_image
 
@@ -34,9 +34,20 @@ def training_dataset(args: ControlNetTrainingArgs) -> tuple[ray.data.Dataset, in
         "caption_column": args.caption_column,
     }
     image_columns = {args.image_column, args.conditioning_image_column}
-    loaded = read_image_table(
-        Path(args.train_data_dir), columns, image_columns, args.max_train_samples, field="train.train_data_dir"
-    )
+    if args.dataset_name:
+        loaded = load_dataset_table(
+            args.dataset_name,
+            args.dataset_config_name,
+            args.cache_dir,
+            columns,
+            image_columns,
+            args.max_train_samples,
+            field="train.dataset_name",
+        )
+    else:
+        loaded = read_image_table(
+            Path(args.train_data_dir), columns, image_columns, args.max_train_samples, field="train.train_data_dir"
+        )
     table = loaded.table[list(dict.fromkeys(columns.values()))].copy()
     table["source_ref"] = loaded.refs
     dataset = ray.data.from_pandas(table).map_batches(
@@ -44,9 +55,20 @@ def training_dataset(args: ControlNetTrainingArgs) -> tuple[ray.data.Dataset, in
         fn_constructor_args=(args,),
         batch_format="pandas",
         num_cpus=PREPROCESS_CPUS,
-        compute=ray.data.ActorPoolStrategy(size=1),
+        compute=ray.data.ActorPoolStrategy(size=max(1, args.dataloader_num_workers)),
     )
     return dataset, len(table)
+
+
+def load_tokenizer(args: ControlNetTrainingArgs):
+    """`tokenizer_name` when set, else the base model's tokenizer, as the script loads it."""
+    from transformers import AutoTokenizer
+
+    if args.tokenizer_name:
+        return AutoTokenizer.from_pretrained(args.tokenizer_name, revision=args.revision, cache_dir=args.cache_dir)
+    return AutoTokenizer.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="tokenizer", revision=args.revision, cache_dir=args.cache_dir
+    )
 
 
 def empty_prompt_chosen(seed: int | None, source_ref: str, proportion: float) -> bool:
@@ -61,12 +83,8 @@ class TrainPreprocess:
     """Callable class for an actor pool: holds the base model's tokenizer."""
 
     def __init__(self, args: ControlNetTrainingArgs):
-        from transformers import CLIPTokenizer
-
         self.args = args
-        self.tokenizer = CLIPTokenizer.from_pretrained(
-            args.pretrained_model_name_or_path, subfolder="tokenizer", revision=args.revision
-        )
+        self.tokenizer = load_tokenizer(args)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         args = self.args

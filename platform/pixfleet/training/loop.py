@@ -15,16 +15,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from pixfleet.config.training import ControlNetTrainingArgs, TrainingJobConfig
 from pixfleet.tracking import format_duration
+from pixfleet.training.data import load_tokenizer
 from pixfleet.training.strategies import DDPStrategy, DeepSpeedStrategy
 from pixfleet.training.validation import validation_grid
 
 TRAINER_STATE = "trainer_state.json"
 CONTROLNET_DIR = "controlnet"
+VALIDATION_DIR = "validation"  # grids, in the MLflow run and (copied at the end) in output_dir
 
 
 @dataclass
@@ -65,11 +68,11 @@ class Components:
 
     def __init__(self, args: ControlNetTrainingArgs, device: torch.device):
         from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
+        from transformers import CLIPTextModel
 
         base, revision, variant = args.pretrained_model_name_or_path, args.revision, args.variant
         self.dtype = weight_dtype(args.mixed_precision)
-        self.tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", revision=revision)
+        self.tokenizer = load_tokenizer(args)
         self.noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
         self.text_encoder = CLIPTextModel.from_pretrained(
             base, subfolder="text_encoder", revision=revision, variant=variant
@@ -196,12 +199,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if tracker:
                 tracker.log_metrics(metrics, global_step)
                 tracker.print_step(global_step, total_steps, metrics)
-            validating = args.validation_prompt and global_step % args.validation_steps == 0
+            # Every validation_steps, and once at the end as the script's final validation.
+            validating = args.validation_prompt and (
+                global_step % args.validation_steps == 0 or global_step == total_steps
+            )
             # Under ZeRO-3 every rank must run the forwards that gather the parameters.
             if validating and (rank == 0 or strategy.partitions_parameters):
                 grid = validation_grid(parts, strategy.module, args)
                 if tracker:
-                    tracker.log_image(grid, f"validation/step_{global_step:06d}.png")
+                    tracker.log_image(grid, f"{VALIDATION_DIR}/step_{global_step:06d}.png", global_step)
             # Ray Train reports only with checkpoints: its controller takes one report per
             # poll (2 s), so a report every step would throttle training; MLflow gets them all.
             if global_step % args.checkpointing_steps == 0 or global_step == total_steps:
@@ -236,7 +242,8 @@ def save_diffusers_model(module, state_dict: dict[str, torch.Tensor], folder: Pa
 
 
 class _RankZeroTracker:
-    """MLflow logging into the driver's run, and the step line on the console, from rank 0.
+    """MLflow logging into the driver's run (and TensorBoard events with `report_to`), and the
+    step line on the console, from rank 0.
 
         step 120/400 | loss 0.9871 | lr 5.00e-06 | 14.2 samples/s | ETA 3m 12s
 
@@ -251,6 +258,12 @@ class _RankZeroTracker:
 
         self.run_id = inputs.mlflow_run_id
         self.client = MlflowClient(inputs.mlflow_tracking_uri) if self.run_id else None
+        self.tensorboard = None
+        args = inputs.job.train
+        if args.report_to in ("tensorboard", "all"):
+            from tensorboardX import SummaryWriter  # Ray's own dependency: no TensorFlow needed
+
+            self.tensorboard = SummaryWriter(str(Path(args.output_dir) / args.logging_dir / inputs.job.name))
         self.start = time.perf_counter()
         self.first_step: int | None = None
         self.last_print = float("-inf")
@@ -276,7 +289,14 @@ class _RankZeroTracker:
 
             now = int(time.time() * 1000)
             self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        if self.tensorboard:
+            for key, value in metrics.items():
+                self.tensorboard.add_scalar(key, float(value), step)
+            self.tensorboard.flush()
 
-    def log_image(self, image, artifact_file: str) -> None:
+    def log_image(self, image, artifact_file: str, step: int) -> None:
         if self.client:
             self.client.log_image(self.run_id, image, artifact_file)
+        if self.tensorboard:
+            self.tensorboard.add_image("validation", np.asarray(image), step, dataformats="HWC")
+            self.tensorboard.flush()

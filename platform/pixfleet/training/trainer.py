@@ -15,7 +15,13 @@ from pixfleet.errors import UserError
 from pixfleet.models.loading import check_model_folder
 from pixfleet.tracking import mlflow_run
 from pixfleet.training.data import training_dataset
-from pixfleet.training.loop import CONTROLNET_DIR, LoopInputs, max_train_steps, train_loop_per_worker
+from pixfleet.training.loop import (
+    CONTROLNET_DIR,
+    VALIDATION_DIR,
+    LoopInputs,
+    max_train_steps,
+    train_loop_per_worker,
+)
 from pixfleet.training.strategies import check_setup
 
 
@@ -102,11 +108,11 @@ def run_training(job: TrainingJobConfig, address: str | None = None) -> Training
             raise TrainingFailed(f"training failed: {worker_reason(report)}") from error
 
         # 3. The final ControlNet, in diffusers format, from the last checkpoint.
+        # Copied over what is there: TensorBoard logs (report_to) live beside the weights.
         output_dir = Path(args.output_dir).resolve()
         with result.checkpoint.as_directory() as folder:
-            if output_dir.exists():
-                shutil.rmtree(output_dir)
-            shutil.copytree(Path(folder) / CONTROLNET_DIR, output_dir)
+            shutil.copytree(Path(folder) / CONTROLNET_DIR, output_dir, dirs_exist_ok=True)
+            model_files = sorted(p.name for p in (Path(folder) / CONTROLNET_DIR).iterdir())
         metrics = result.metrics or {}
         summary = TrainingSummary(
             steps=int(metrics.get("step", total_steps)),
@@ -116,7 +122,12 @@ def run_training(job: TrainingJobConfig, address: str | None = None) -> Training
         )
         if mlflow:
             summary.mlflow_run_id = mlflow.active_run().info.run_id
-            mlflow.log_artifacts(str(output_dir), artifact_path=CONTROLNET_DIR)
+            if args.validation_prompt:  # the grids rank 0 logged, beside the weights as the script keeps them
+                mlflow.artifacts.download_artifacts(
+                    run_id=summary.mlflow_run_id, artifact_path=VALIDATION_DIR, dst_path=str(output_dir)
+                )
+            for name in model_files:  # the model alone: the registry version points here
+                mlflow.log_artifact(str(output_dir / name), artifact_path=CONTROLNET_DIR)
             summary.model_version = _register(mlflow, job, summary.mlflow_run_id)
     return summary
 
