@@ -14,6 +14,9 @@ from tests.helpers import MULTI_CONTROLNET_TASKS
 
 
 def pytest_collection_modifyitems(config, items):
+    # The cluster tests start Rays of their own (a two-node cluster, embedded ones) whose agents
+    # take Ray's default ports: they run first, before the session's in-process Ray holds them.
+    items.sort(key=lambda item: not item.nodeid.startswith("tests/cluster/"))
     import torch
 
     if torch.cuda.is_available():

@@ -1,10 +1,12 @@
-"""The platform's loop on one machine: raw photos -> annotate (depth maps, captions) -> train a
-ControlNet on that set -> register it -> generate with it and the same detector."""
+"""The platform's loop on one machine: raw photos -> annotate (depth maps, captions) -> fine-tune
+the registry's champion ControlNet on that set -> register the challenger -> generate with it
+and the same detector."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pandas as pd
 import pytest
@@ -20,7 +22,7 @@ from pixfleet.engine import columns as C
 from pixfleet.generation.job import run_generation
 from pixfleet.models.tiny import make_tiny_captioner, make_tiny_depth_estimator
 from pixfleet.training.trainer import run_training
-from tests.helpers import tiny_spec
+from tests.helpers import register_controlnet, tiny_spec
 
 pytestmark = [pytest.mark.timeout(420), pytest.mark.usefixtures("ray_session")]
 
@@ -50,12 +52,17 @@ def test_photos_to_training_set_to_controlnet_to_images(tiny_dir, tmp_path):
     captions = [line["text"] for line in JsonLines(tmp_path / "training_set" / "metadata.jsonl").read()]
     assert len(captions) == 8 and all(len(caption.split()) == 5 for caption in captions)
 
+    # The champion to start from: a ControlNet registered earlier.
+    seed = tiny_dir / "controlnet" / "controlnet"
+    register_controlnet(seed, "depth-controlnet", tracking["tracking_uri"], tmp_path / "artifacts")
+
     trained = run_training(
         TrainingJobConfig.model_validate(
             {
-                "name": "depth-from-photos",
+                "name": "depth-challenger",
                 "train": {
                     "pretrained_model_name_or_path": str(tiny_dir / "controlnet"),
+                    "controlnet_model_name_or_path": "models:/depth-controlnet@champion",
                     "dataset_name": str(tmp_path / "training_set"),  # through datasets.load_dataset
                     "mixed_precision": None,
                     "output_dir": str(tmp_path / "controlnet"),
@@ -68,13 +75,17 @@ def test_photos_to_training_set_to_controlnet_to_images(tiny_dir, tmp_path):
                 },
                 "distributed": {"strategy": "ddp", "num_workers": 1, "storage_path": str(tmp_path / "ray_train")},
                 "tracking": tracking,
-                "registry": {"model_name": "depth-from-photos", "alias": "champion"},
+                "registry": {"model_name": "depth-controlnet", "alias": "challenger"},
             }
         )
     )
-    assert trained.model_version == "models:/depth-from-photos/1"
+    assert trained.model_version == "models:/depth-controlnet/2"
+    params = mlflow.get_run(trained.mlflow_run_id).data.params
+    assert params["train.controlnet_model_name_or_path"] == "models:/depth-controlnet@champion"  # as written
+    assert params["train.controlnet_model_name_or_path.version"] == "models:/depth-controlnet/1"  # as loaded
 
-    spec = tiny_spec(tiny_dir, "controlnet").model_copy(update={"controlnets": ["models:/depth-from-photos@champion"]})
+    challenger = ["models:/depth-controlnet@challenger"]
+    spec = tiny_spec(tiny_dir, "controlnet").model_copy(update={"controlnets": challenger})
     generated = run_generation(
         GenerationJobConfig.model_validate(
             {
@@ -89,7 +100,7 @@ def test_photos_to_training_set_to_controlnet_to_images(tiny_dir, tmp_path):
     )
     assert (generated.images_ok, generated.rows_failed) == (8, 0)
     manifest = pd.read_parquet(tmp_path / "generated" / "manifest.parquet")
-    assert all("depth-from-photos" in model for model in manifest["model"])
+    assert all("depth-controlnet@challenger" in model for model in manifest["model"])
     for row in manifest.to_dict("records"):
         assert np.asarray(Image.open(row[C.OUTPUT_PATH])).shape == (32, 32, 3)
         assert Path(row[C.CONTROL_MAPS][0]).exists()

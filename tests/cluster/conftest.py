@@ -89,6 +89,9 @@ def cluster(tmp_path_factory):
             f"--dashboard-port={dashboard_port}",
             "--num-cpus=1",
             f"--temp-dir={head_dir}",
+            # Its own job agent port: another Ray on this machine (the tests' in-process one) may
+            # hold the default, and a head without its agent refuses every job.
+            f"--dashboard-agent-listen-port={free_port()}",
         ],
         env,
         logs / "head.log",
@@ -98,7 +101,12 @@ def cluster(tmp_path_factory):
         local = LocalCluster(f"http://127.0.0.1:{dashboard_port}", token)
         _wait(lambda: len(local.state("nodes")) == 1, head, logs / "head.log")
         worker = _ray_start(
-            [f"--address=127.0.0.1:{gcs_port}", "--num-cpus=1", f"--temp-dir={worker_dir}"],
+            [
+                f"--address=127.0.0.1:{gcs_port}",
+                "--num-cpus=1",
+                f"--temp-dir={worker_dir}",
+                f"--dashboard-agent-listen-port={free_port()}",
+            ],
             env,
             logs / "worker.log",
         )

@@ -11,7 +11,7 @@ import mlflow
 import pytest
 import yaml
 
-from tests.helpers import tiny_spec
+from tests.helpers import register_controlnet, tiny_spec
 
 pytestmark = pytest.mark.timeout(420)
 PROJECT = Path(__file__).resolve().parents[2]
@@ -91,12 +91,16 @@ def test_a_broken_config_fails_the_job_with_the_error_in_its_logs(cluster, tmp_p
     assert "error: " in logs.stdout and "Traceback" not in logs.stdout
 
 
-def test_two_training_workers_span_both_nodes(cluster, tmp_path, tiny_dir, fill50k_dir):
-    """Workers of 0.6 CPU on 1-CPU nodes: one per node, gloo across them."""
+def test_two_training_workers_span_both_nodes_starting_from_the_registry(cluster, tmp_path, tiny_dir, fill50k_dir):
+    """Workers of 0.6 CPU on 1-CPU nodes: one per node, gloo across them; each resolves the
+    registry's ControlNet itself (the job gets only its URI)."""
+    tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
+    register_controlnet(tiny_dir / "controlnet" / "controlnet", "cluster-seed", tracking_uri, tmp_path / "artifacts")
     config = {
         "name": "cluster-train",
         "train": {
             "pretrained_model_name_or_path": str(tiny_dir / "controlnet"),
+            "controlnet_model_name_or_path": "models:/cluster-seed@champion",
             "train_data_dir": str(fill50k_dir),
             "output_dir": str(tmp_path / "controlnet"),
             "resolution": 32,
@@ -110,7 +114,7 @@ def test_two_training_workers_span_both_nodes(cluster, tmp_path, tiny_dir, fill5
             "cpus_per_worker": 0.6,
             "storage_path": str(tmp_path / "ray_train"),
         },
-        "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "cluster"},
+        "tracking": {"tracking_uri": tracking_uri, "experiment": "cluster"},
     }
     result = pixfleet(
         cluster, "submit", "train", str(write(tmp_path / "train.yaml", config)), "--address", cluster.address, "--wait"

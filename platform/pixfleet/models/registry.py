@@ -72,12 +72,26 @@ def _download(mlflow, source: str, tracking_uri: str, folder: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def pin_version(uri: str | None, tracking_uri: str) -> str | None:
+    """`models:/NAME@ALIAS` -> `models:/NAME/VERSION` as the registry says now, other values as
+    they are: the workers of one job then load the same version, even if the alias moves."""
+    if not uri or not uri.startswith("models:/"):
+        return uri
+    name, version = resolve_version(uri, tracking_uri)
+    return f"models:/{name}/{version}"
+
+
+def local_model(value: str | None, tracking_uri: str) -> str | None:
+    """The folder to load `value` from: an MLflow URI downloaded (once per node), else as it is."""
+    return download_model(value, tracking_uri) if value and is_mlflow_uri(value) else value
+
+
 def resolve_registry_models(spec: ModelSpec, tracking_uri: str) -> ModelSpec:
     """`spec` with every MLflow URI replaced by its downloaded folder."""
 
-    def local(value: str) -> str:
-        return download_model(value, tracking_uri) if is_mlflow_uri(value) else value
-
     return spec.model_copy(
-        update={"base_model": local(spec.base_model), "controlnets": [local(c) for c in spec.controlnets]}
+        update={
+            "base_model": local_model(spec.base_model, tracking_uri),
+            "controlnets": [local_model(c, tracking_uri) for c in spec.controlnets],
+        }
     )

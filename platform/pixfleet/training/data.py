@@ -21,12 +21,24 @@ from pixfleet.config.training import ControlNetTrainingArgs
 from pixfleet.data.tables import UnreadableImage, load_dataset_table, read_image_bytes, read_image_table
 from pixfleet.engine.images import RowError, decode_image
 from pixfleet.engine.preprocess import fit_image
+from pixfleet.models.registry import local_model
 
 PREPROCESS_CPUS = 0.25  # fractional: leaves room for readers beside the train workers
 MAX_IMAGE_PIXELS = 8192 * 8192
 
 
-def training_dataset(args: ControlNetTrainingArgs) -> tuple[ray.data.Dataset, int]:
+def with_local_models(args: ControlNetTrainingArgs, registry_uri: str) -> ControlNetTrainingArgs:
+    """`args` with MLflow model URIs replaced by folders downloaded on this node: each worker
+    reads the registry itself, none needs the driver's disk."""
+    return args.model_copy(
+        update={
+            "pretrained_model_name_or_path": local_model(args.pretrained_model_name_or_path, registry_uri),
+            "controlnet_model_name_or_path": local_model(args.controlnet_model_name_or_path, registry_uri),
+        }
+    )
+
+
+def training_dataset(args: ControlNetTrainingArgs, registry_uri: str) -> tuple[ray.data.Dataset, int]:
     """The lazily preprocessed training set and its row count; a table that cannot work fails here."""
     columns = {
         "image_column": args.image_column,
@@ -52,7 +64,7 @@ def training_dataset(args: ControlNetTrainingArgs) -> tuple[ray.data.Dataset, in
     table["source_ref"] = loaded.refs
     dataset = ray.data.from_pandas(table).map_batches(
         TrainPreprocess,
-        fn_constructor_args=(args,),
+        fn_constructor_args=(args, registry_uri),
         batch_format="pandas",
         num_cpus=PREPROCESS_CPUS,
         compute=ray.data.ActorPoolStrategy(size=max(1, args.dataloader_num_workers)),
@@ -82,8 +94,8 @@ def empty_prompt_chosen(seed: int | None, source_ref: str, proportion: float) ->
 class TrainPreprocess:
     """Callable class for an actor pool: holds the base model's tokenizer."""
 
-    def __init__(self, args: ControlNetTrainingArgs):
-        self.args = args
+    def __init__(self, args: ControlNetTrainingArgs, registry_uri: str):
+        self.args = args = with_local_models(args, registry_uri)
         self.tokenizer = load_tokenizer(args)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from pixfleet.config.training import ControlNetTrainingArgs, TrainingJobConfig
 from pixfleet.tracking import format_duration
-from pixfleet.training.data import load_tokenizer
+from pixfleet.training.data import load_tokenizer, with_local_models
 from pixfleet.training.strategies import DDPStrategy, DeepSpeedStrategy
 from pixfleet.training.validation import validation_grid
 
@@ -36,6 +36,7 @@ class LoopInputs:
 
     job: TrainingJobConfig
     num_rows: int
+    registry_uri: str = ""  # where MLflow model URIs in the args resolve
     mlflow_tracking_uri: str | None = None
     mlflow_run_id: str | None = None
 
@@ -138,7 +139,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     inputs: LoopInputs = config["inputs"]
-    job, args = inputs.job, inputs.job.train
+    job, args = inputs.job, with_local_models(inputs.job.train, inputs.registry_uri)
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()

@@ -9,12 +9,13 @@ from pathlib import Path
 
 from pixfleet.cluster import ensure_ray
 from pixfleet.config import ConfigError
-from pixfleet.config.paths import looks_local
+from pixfleet.config.paths import is_mlflow_uri, looks_local
 from pixfleet.config.training import TrainingJobConfig
 from pixfleet.errors import UserError
 from pixfleet.models.loading import check_model_folder
-from pixfleet.tracking import mlflow_run
-from pixfleet.training.data import training_dataset
+from pixfleet.models.registry import pin_version
+from pixfleet.tracking import mlflow_run, tracking_uri
+from pixfleet.training.data import training_dataset, with_local_models
 from pixfleet.training.loop import (
     CONTROLNET_DIR,
     VALIDATION_DIR,
@@ -58,12 +59,17 @@ def run_training(job: TrainingJobConfig, address: str | None = None) -> Training
     from ray.train.torch import TorchTrainer
 
     job = _with_absolute_paths(job)  # workers may not share the driver's working directory
+    models = (job.train.pretrained_model_name_or_path, job.train.controlnet_model_name_or_path)
+    registry_uri = tracking_uri(job.tracking) if any(m and is_mlflow_uri(m) for m in models) else ""
+    written = job.model_dump(mode="json")  # MLflow records the URIs as given; the versions beside them
+    job = _with_pinned_versions(job, registry_uri)
     args, dist = job.train, job.distributed
     storage = Path(dist.storage_path)
 
     # 1. Check inputs before any work: model folders, data columns, the step budget, old runs.
-    controlnets = [args.controlnet_model_name_or_path] if args.controlnet_model_name_or_path else []
-    check_model_folder(args.pretrained_model_name_or_path, "controlnet", controlnets)
+    local = with_local_models(args, registry_uri)
+    controlnets = [local.controlnet_model_name_or_path] if local.controlnet_model_name_or_path else []
+    check_model_folder(local.pretrained_model_name_or_path, "controlnet", controlnets)
     check_setup(args, dist)
     if args.resume_from_checkpoint is None and (storage / job.name).exists():
         raise ConfigError(
@@ -71,17 +77,25 @@ def run_training(job: TrainingJobConfig, address: str | None = None) -> Training
             "to continue it, or choose another name"
         )
     ensure_ray(address)
-    dataset, num_rows = training_dataset(args)
+    dataset, num_rows = training_dataset(args, registry_uri)
     try:
         total_steps, _ = max_train_steps(args, num_rows, dist.num_workers)
     except ValueError as error:
         raise ConfigError(f"train.train_batch_size: {error}") from None
 
     # 2. Train under one MLflow run; rank 0 logs into it.
-    with mlflow_run(job.tracking, job.name, job.model_dump(mode="json")) as mlflow:
+    with mlflow_run(job.tracking, job.name, written) as mlflow:
+        if mlflow:
+            pinned = {
+                f"train.{field}.version": value
+                for field in ("pretrained_model_name_or_path", "controlnet_model_name_or_path")
+                if (value := getattr(args, field)) != written["train"][field]
+            }
+            mlflow.log_params(pinned)
         inputs = LoopInputs(
             job=job,
             num_rows=num_rows,
+            registry_uri=registry_uri,
             mlflow_tracking_uri=mlflow.get_tracking_uri() if mlflow else None,
             mlflow_run_id=mlflow.active_run().info.run_id if mlflow else None,
         )
@@ -163,6 +177,18 @@ def _with_absolute_paths(job: TrainingJobConfig) -> TrainingJobConfig:
     )
     distributed = job.distributed.model_copy(update={"storage_path": absolute(job.distributed.storage_path)})
     return job.model_copy(update={"train": train, "distributed": distributed})
+
+
+def _with_pinned_versions(job: TrainingJobConfig, registry_uri: str) -> TrainingJobConfig:
+    """Aliases resolved once, here: every worker then starts from the same model version."""
+    args = job.train
+    train = args.model_copy(
+        update={
+            "pretrained_model_name_or_path": pin_version(args.pretrained_model_name_or_path, registry_uri),
+            "controlnet_model_name_or_path": pin_version(args.controlnet_model_name_or_path, registry_uri),
+        }
+    )
+    return job.model_copy(update={"train": train})
 
 
 def _register(mlflow, job: TrainingJobConfig, run_id: str) -> str | None:
