@@ -160,7 +160,7 @@ def test_a_depth_detector_needs_a_model_and_serving_refuses_it(tiny_dir, depth_m
         ControlPreprocessConfig(detector="depth")
     with pytest.raises(ValidationError, match="detector 'canny' takes no 'model'"):
         ControlPreprocessConfig(detector="canny", model=depth_model)
-    with pytest.raises(ValidationError, match="model detectors \\(depth\\) run in bulk jobs"):
+    with pytest.raises(ValidationError, match=r"model detectors \(depth, segmentation\) run in bulk jobs"):
         ServedModelConfig(
             name="m", model=tiny_spec(tiny_dir, "controlnet"), control=[{"detector": "depth", "model": depth_model}]
         )
