@@ -94,7 +94,7 @@ def empty_prompt_chosen(seed: int | None, source_ref: str, proportion: float) ->
 class TrainPreprocess:
     """Callable class for an actor pool: holds the base model's tokenizer."""
 
-    def __init__(self, args: ControlNetTrainingArgs, registry_uri: str):
+    def __init__(self, args: ControlNetTrainingArgs, registry_uri: str = ""):
         self.args = args = with_local_models(args, registry_uri)
         self.tokenizer = load_tokenizer(args)
 
