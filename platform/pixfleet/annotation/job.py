@@ -71,7 +71,7 @@ def plan_stages(job: AnnotateJobConfig, finished_row_ids: frozenset[str]) -> lis
         PrepareStage.plan(job, finished_row_ids),
         DetectStage.plan({MAP: job.detector}, detect_resources, None),
         CheckMapStage.plan(job.filters.min_map_coverage),
-        *([CaptionStage.plan(job.caption, job)] if job.caption.model else []),
+        *([CaptionStage.plan(job)] if job.caption.model else []),
         WriteStage.plan(job.output_dir),
     ]
 

@@ -183,10 +183,10 @@ class CaptionStage:
         self.needs = self.columns_needed()
 
     @classmethod
-    def plan(cls, config: CaptionConfig, job: AnnotateJobConfig) -> PlannedStage:
+    def plan(cls, job: AnnotateJobConfig) -> PlannedStage:
         resources = job.resources
         options = {
-            "fn_constructor_args": (config,),
+            "fn_constructor_args": (job.caption,),
             "batch_size": resources.batch_size,
             "num_cpus": resources.num_cpus_per_captioner,
             "num_gpus": resources.num_gpus_per_captioner,
