@@ -348,7 +348,7 @@ def train_part(args, results: Results) -> None:
 
 def _train_rate(args, case, folder: Path, device: torch.device, batch: int, checkpointing: bool):
     from pixfleet.config.training import ControlNetTrainingArgs
-    from pixfleet.training.loop import Components
+    from pixfleet.training.components import load_components
 
     train_args = ControlNetTrainingArgs(
         pretrained_model_name_or_path=str(folder),
@@ -360,7 +360,7 @@ def _train_rate(args, case, folder: Path, device: torch.device, batch: int, chec
     )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    parts = Components(train_args, device)
+    parts = load_components(train_args, device)
     optimizer = torch.optim.AdamW(parts.controlnet.parameters(), lr=1e-5)
     generator = torch.Generator().manual_seed(0)
     tokens = parts.tokenizer(["a photo"] * batch, padding="max_length", return_tensors="pt").input_ids

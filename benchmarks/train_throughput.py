@@ -27,8 +27,8 @@ from pixfleet.cluster import ensure_ray
 from pixfleet.config.training import TrainingJobConfig
 from pixfleet.data.fill50k import make_fill50k
 from pixfleet.models.tiny import make_tiny_pipeline
+from pixfleet.training.components import load_components
 from pixfleet.training.data import TrainPreprocess
-from pixfleet.training.loop import Components
 from pixfleet.training.trainer import run_training
 
 
@@ -87,7 +87,7 @@ def plain_loop(args, job: TrainingJobConfig) -> tuple[list[float], float]:
         }
     )
     examples = TrainPreprocess(job.train)(table)
-    parts = Components(job.train, torch.device("cpu"))
+    parts = load_components(job.train, torch.device("cpu"))
     optimizer = torch.optim.AdamW(parts.controlnet.parameters(), lr=job.train.learning_rate)
     generator = torch.Generator().manual_seed(0)
     rates = []

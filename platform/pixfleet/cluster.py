@@ -9,6 +9,7 @@ runs. The config is validated on the cluster, where its paths must exist.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -199,3 +200,15 @@ def stream_logs(client, job_id: str) -> None:
             sys.stdout.flush()
 
     asyncio.run(tail())
+
+
+def quiet_ray_data(ray_progress: bool) -> None:
+    """Ray Data's per-operator bars and plan printouts bury the job's own line; keep them off
+    unless asked for."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = ray_progress
+    context.print_on_execution_start = ray_progress
+    # Else Ray Data warns once that its bars are off, which is the point.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.INFO if ray_progress else logging.ERROR)

@@ -146,6 +146,23 @@ def test_deepspeed_checkpoints_hold_every_rank_and_a_rerun_resumes_the_step_coun
     assert_loss_falls(losses, window=4)
 
 
+def test_a_resumed_run_trains_on_the_batches_of_an_uninterrupted_one_with_equal_losses(tiny_dir, train_data, tmp_path):
+    # 32 rows on 2 workers in batches of 4: 4 steps an epoch, each epoch reshuffled. Stopped at
+    # step 6, mid-epoch, and resumed to 10, the run must see what a run straight to 10 sees.
+    whole = run_training(train_job(tiny_dir, train_data, tmp_path, "ddp", name="whole", max_train_steps=10))
+    job = train_job(tiny_dir, train_data, tmp_path, "ddp", name="halves", max_train_steps=6, checkpointing_steps=6)
+    first = run_training(job)
+    train = job.train.model_copy(update={"max_train_steps": 10, "resume_from_checkpoint": "latest"})
+    second = run_training(job.model_copy(update={"train": train}))
+
+    expected = metric_history(tmp_path, whole.mlflow_run_id)
+    resumed = metric_history(tmp_path, first.mlflow_run_id) + metric_history(tmp_path, second.mlflow_run_id)
+    assert [step for step, _ in resumed] == [step for step, _ in expected] == list(range(1, 11))
+    np.testing.assert_allclose([v for _, v in resumed], [v for _, v in expected], rtol=1e-5)
+    epochs = metric_history(tmp_path, second.mlflow_run_id, "epoch")
+    assert [epoch for _, epoch in epochs] == [1, 1, 2, 2]
+
+
 def test_a_rerun_without_resume_refuses_to_overwrite_the_old_run(tiny_dir, train_data, tmp_path):
     from pixfleet.config import ConfigError
 

@@ -14,12 +14,12 @@ import ray.data
 
 from pixfleet.annotation.dataset import TrainingSetWriter
 from pixfleet.annotation.stages import FILTERED, MAP, CaptionStage, CheckMapStage, PrepareStage, WriteStage
-from pixfleet.cluster import ensure_ray
+from pixfleet.cluster import ensure_ray, quiet_ray_data
 from pixfleet.config import ConfigError
 from pixfleet.config.annotation import AnnotateJobConfig
 from pixfleet.config.generation import ResourcesConfig
 from pixfleet.engine import columns as C
-from pixfleet.generation.job import failure_lines, quiet_ray_data, sample_grid, stop_past_failure_budget
+from pixfleet.generation.job import failure_lines, sample_grid, stop_past_failure_budget
 from pixfleet.generation.plan import SOURCE_COLUMNS, check_chain
 from pixfleet.generation.progress import Counts, ProgressLine
 from pixfleet.generation.sources import Source, open_image_source

@@ -10,11 +10,21 @@ from pixfleet.config.base import StrictModel
 from pixfleet.config.paths import ExistingPath, ModelOrPath
 from pixfleet.config.tracking import TrackingConfig
 
+Interpolation = Literal["lanczos", "bicubic", "bilinear", "nearest"]
+
 
 class ControlNetTrainingArgs(StrictModel):
-    """The options of diffusers' examples/controlnet/train_controlnet.py, same names and defaults."""
+    """The options of diffusers' examples/controlnet/train_controlnet.py and train_controlnet_sdxl.py,
+    same names and defaults; the base model's type (SD or SDXL) picks the script followed."""
 
-    pretrained_model_name_or_path: ModelOrPath = Field(description="Base Stable Diffusion pipeline, hub id or folder.")
+    pretrained_model_name_or_path: ModelOrPath = Field(
+        description="Base Stable Diffusion or SDXL pipeline: hub id, folder or MLflow model URI."
+    )
+    pretrained_vae_model_name_or_path: ModelOrPath | None = Field(
+        None,
+        description="A VAE (hub id or folder, no subfolder) instead of the base's, e.g. SDXL's fp16-safe VAE; it "
+        "then runs in the mixed precision dtype, while the base's own SDXL VAE stays in float32.",
+    )
     controlnet_model_name_or_path: ModelOrPath | None = Field(
         None, description="ControlNet to start from; unset initialises one from the UNet."
     )
@@ -24,6 +34,18 @@ class ControlNetTrainingArgs(StrictModel):
     seed: int | None = Field(None, description="Seed for reproducible training.")
     resolution: int = Field(
         512, ge=8, multiple_of=8, description="Images are resized and center-cropped to this size (a multiple of 8)."
+    )
+    image_interpolation_mode: Interpolation | None = Field(
+        None, description="Resize filter; unset: the script's (bilinear for SD, lanczos for SDXL)."
+    )
+    crops_coords_top_left_h: int | None = Field(
+        None,
+        ge=0,
+        description="SDXL: the crop top coordinate given to the UNet for every row (the script's constant); unset: "
+        "each row's own center-crop offset, with its real original size, as SDXL was pretrained.",
+    )
+    crops_coords_top_left_w: int | None = Field(
+        None, ge=0, description="SDXL: the crop left coordinate, as crops_coords_top_left_h."
     )
     train_batch_size: int = Field(4, ge=1, description="Batch size per worker.")
     num_train_epochs: int = Field(1, ge=1, description="Epochs; max_train_steps wins when set.")
@@ -55,6 +77,7 @@ class ControlNetTrainingArgs(StrictModel):
         Field(description="Autocast precision of frozen parts; null (the script's default) means 'no'."),
     ] = "no"
     enable_xformers_memory_efficient_attention: bool = Field(False, description="Use xformers attention.")
+    enable_npu_flash_attention: bool = Field(False, description="Refused: needs torch_npu on Ascend NPUs.")
     set_grads_to_none: bool = Field(False, description="zero_grad(set_to_none=True): saves memory.")
     allow_tf32: bool = Field(
         False, description="TF32 matmuls and convolutions on Ampere and newer GPUs: faster fp32, slightly less exact."
@@ -107,6 +130,18 @@ class ControlNetTrainingArgs(StrictModel):
     def _data_from_one_place(self) -> ControlNetTrainingArgs:
         if (self.train_data_dir is None) == (self.dataset_name is None):
             raise ValueError("set one of train_data_dir (a local folder or file) and dataset_name (load_dataset)")
+        return self
+
+    @model_validator(mode="after")
+    def _no_npu(self) -> ControlNetTrainingArgs:
+        if self.enable_npu_flash_attention:
+            raise ValueError("enable_npu_flash_attention: needs torch_npu on Ascend NPUs; Ray Train runs CUDA or CPU")
+        return self
+
+    @model_validator(mode="after")
+    def _crop_given_whole(self) -> ControlNetTrainingArgs:
+        if (self.crops_coords_top_left_h is None) != (self.crops_coords_top_left_w is None):
+            raise ValueError("set both crops_coords_top_left_h and crops_coords_top_left_w, or neither")
         return self
 
     @model_validator(mode="after")

@@ -44,14 +44,19 @@ def fit_pil(image: Image.Image, width: int, height: int, mode: ResizeMode, resam
         return image
     if mode == "resize":
         return image.resize((width, height), resample=RESAMPLING[resample])
-    # Cover, then cut the center: the sizes and offsets of diffusers' `_resize_and_crop`.
-    if width / height > image.width / image.height:
-        scaled = (width, image.height * width // image.width)
-    else:
-        scaled = (image.width * height // image.height, height)
+    scaled, (left, top) = center_crop_plan(image.size, width, height)
     resized = image.resize(scaled, resample=RESAMPLING[resample])
-    left, top = scaled[0] // 2 - width // 2, scaled[1] // 2 - height // 2
     return resized.crop((left, top, left + width, top + height))
+
+
+def center_crop_plan(size: tuple[int, int], width: int, height: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(scaled size, (left, top) of the cut) that cover width x height from an image of `size`
+    and cut its center: the integer arithmetic of diffusers' `_resize_and_crop`."""
+    if width / height > size[0] / size[1]:
+        scaled = (width, size[1] * width // size[0])
+    else:
+        scaled = (size[0] * height // size[1], height)
+    return scaled, (scaled[0] // 2 - width // 2, scaled[1] // 2 - height // 2)
 
 
 def fit_image(image: np.ndarray, width: int, height: int, mode: ResizeMode, resample: Resample) -> np.ndarray:

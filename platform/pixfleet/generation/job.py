@@ -3,14 +3,13 @@ and write the gallery."""
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from pixfleet.cluster import ensure_ray
+from pixfleet.cluster import ensure_ray, quiet_ray_data
 from pixfleet.config import GenerationJobConfig
 from pixfleet.engine import columns as C
 from pixfleet.errors import UserError
@@ -132,18 +131,6 @@ def run_generation(
                 _log_run(mlflow, summary, merged, job)
                 mlflow.log_artifact(str(gallery))
     return summary
-
-
-def quiet_ray_data(ray_progress: bool) -> None:
-    """Ray Data's per-operator bars and plan printouts bury the job's own line; keep them off
-    unless asked for."""
-    import ray.data
-
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = ray_progress
-    context.print_on_execution_start = ray_progress
-    # Else Ray Data warns once that its bars are off, which is the point.
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.INFO if ray_progress else logging.ERROR)
 
 
 def _count(summary: GenerationSummary, batch: pd.DataFrame) -> None:

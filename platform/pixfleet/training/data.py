@@ -1,15 +1,21 @@
-"""Training data on Ray Data: read, decode, resize/crop, normalise and tokenize on CPU.
+"""Training data on Ray Data: read, decode, resize/crop, normalise and prepare the text on CPU.
 
 Columns out, per example (what the training step consumes):
   pixel_values               float32 (3, R, R) in [-1, 1]   the target image
   conditioning_pixel_values  float32 (3, R, R) in [0, 1]    the control image
+and the text side: for an SD base, as train_controlnet.py's `make_train_dataset` prepares it,
   input_ids                  int64 (77,)                    the tokenized caption
-as train_controlnet.py's `make_train_dataset` prepares them.
+for an SDXL base, as train_controlnet_sdxl.py's `compute_embeddings` precomputes it,
+  prompt_embeds              float32 (77, D1 + D2)          both text encoders' hidden states
+  text_embeds                float32 (D2,)                  the pooled embedding
+  time_ids                   float32 (6,)                   original size, crop top-left, target size
 """
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +26,15 @@ from pixfleet.config import ConfigError
 from pixfleet.config.training import ControlNetTrainingArgs
 from pixfleet.data.tables import UnreadableImage, load_dataset_table, read_image_bytes, read_image_table
 from pixfleet.engine.images import RowError, decode_image
-from pixfleet.engine.preprocess import fit_image
+from pixfleet.engine.preprocess import center_crop_plan, fit_image
 from pixfleet.models.registry import local_model
+from pixfleet.training.components import (
+    SDXLPromptEncoder,
+    base_is_sdxl,
+    interpolation,
+    load_tokenizer,
+    sdxl_time_ids,
+)
 
 PREPROCESS_CPUS = 0.25  # fractional: leaves room for readers beside the train workers
 MAX_IMAGE_PIXELS = 8192 * 8192
@@ -34,12 +47,14 @@ def with_local_models(args: ControlNetTrainingArgs, registry_uri: str) -> Contro
         update={
             "pretrained_model_name_or_path": local_model(args.pretrained_model_name_or_path, registry_uri),
             "controlnet_model_name_or_path": local_model(args.controlnet_model_name_or_path, registry_uri),
+            "pretrained_vae_model_name_or_path": local_model(args.pretrained_vae_model_name_or_path, registry_uri),
         }
     )
 
 
-def training_dataset(args: ControlNetTrainingArgs, registry_uri: str) -> tuple[ray.data.Dataset, int]:
-    """The lazily preprocessed training set and its row count; a table that cannot work fails here."""
+def training_table(args: ControlNetTrainingArgs) -> pd.DataFrame:
+    """The rows to train on (image columns as paths or bytes, captions, `source_ref`), read by the
+    driver; a table that cannot work fails here, before any worker starts."""
     columns = {
         "image_column": args.image_column,
         "conditioning_image_column": args.conditioning_image_column,
@@ -62,24 +77,59 @@ def training_dataset(args: ControlNetTrainingArgs, registry_uri: str) -> tuple[r
         )
     table = loaded.table[list(dict.fromkeys(columns.values()))].copy()
     table["source_ref"] = loaded.refs
-    dataset = ray.data.from_pandas(table).map_batches(
-        TrainPreprocess,
-        fn_constructor_args=(args, registry_uri),
+    return table.reset_index(drop=True)
+
+
+@dataclass(frozen=True)
+class DataPlan:
+    """Which table rows each worker trains on, in which order.
+
+    Every epoch is a fresh permutation of the table (seeded by the seed and the epoch, as the
+    script's shuffling DataLoader), dealt round-robin to the ranks, each rank's share cut to
+    whole batches (all ranks step alike). Micro-batch `k` of a rank is thus fixed by the seed:
+    a resumed run starts at the micro-batch after its checkpoint and sees exactly the batches
+    an uninterrupted run would.
+    """
+
+    num_rows: int
+    world_size: int
+    batch_size: int
+    seed: int
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.num_rows // self.world_size // self.batch_size
+
+    def rows(self, rank: int, first_batch: int, num_batches: int) -> np.ndarray:
+        """Table row numbers of this rank's micro-batches `first_batch` onwards, in order."""
+        size, out = self.batch_size, []
+        for batch in range(first_batch, first_batch + num_batches):
+            epoch, position = divmod(batch, self.batches_per_epoch)
+            out.append(self._epoch_order(epoch)[rank :: self.world_size][position * size : (position + 1) * size])
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+    @cache  # noqa: B019 -- a handful of epochs per plan, and plans live as long as a run
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
+
+
+def planned_dataset(
+    plan: DataPlan, rank: int, first_batch: int, num_batches: int, table_ref: ray.ObjectRef, args, registry_uri: str
+) -> ray.data.Dataset:
+    """This rank's micro-batches as one stream across epochs: one actor pool for the whole run
+    and no restart between epochs, so the next epoch's first batches are ready on time.
+
+    Only row numbers travel through Ray Data; the preprocessing actors hold the table."""
+    rows = plan.rows(rank, first_batch, num_batches)
+    block = 2 * plan.batch_size  # small blocks: the first batch is ready after two micro-batches' work
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    return ray.data.from_numpy([rows[i : i + block] for i in range(0, len(rows), block)]).map_batches(
+        PlannedRows,
+        fn_constructor_args=(args, registry_uri, [table_ref]),  # in a list: Ray must not resolve it early
+        batch_size=plan.batch_size,
         batch_format="pandas",
         num_cpus=PREPROCESS_CPUS,
         compute=ray.data.ActorPoolStrategy(size=max(1, args.dataloader_num_workers)),
-    )
-    return dataset, len(table)
-
-
-def load_tokenizer(args: ControlNetTrainingArgs):
-    """`tokenizer_name` when set, else the base model's tokenizer, as the script loads it."""
-    from transformers import AutoTokenizer
-
-    if args.tokenizer_name:
-        return AutoTokenizer.from_pretrained(args.tokenizer_name, revision=args.revision, cache_dir=args.cache_dir)
-    return AutoTokenizer.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder="tokenizer", revision=args.revision, cache_dir=args.cache_dir
     )
 
 
@@ -92,47 +142,72 @@ def empty_prompt_chosen(seed: int | None, source_ref: str, proportion: float) ->
 
 
 class TrainPreprocess:
-    """Callable class for an actor pool: holds the base model's tokenizer."""
+    """Callable class for an actor pool: holds the tokenizer (SD) or both text encoders (SDXL)."""
 
     def __init__(self, args: ControlNetTrainingArgs, registry_uri: str = ""):
         self.args = args = with_local_models(args, registry_uri)
-        self.tokenizer = load_tokenizer(args)
+        self.interpolation = interpolation(args)
+        self.prompt_encoder = SDXLPromptEncoder(args) if base_is_sdxl(args) else None
+        self.tokenizer = None if self.prompt_encoder else load_tokenizer(args)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        args = self.args
-        captions = []
+        args, refs = self.args, batch["source_ref"]
+        images = [
+            self._image(v, ref, args.image_column) for v, ref in zip(batch[args.image_column], refs, strict=True)
+        ]
+        controls = [
+            self._image(v, ref, args.conditioning_image_column)[0]
+            for v, ref in zip(batch[args.conditioning_image_column], refs, strict=True)
+        ]
+        out = pd.DataFrame(
+            {"pixel_values": [image * 2.0 - 1.0 for image, _ in images], "conditioning_pixel_values": controls}
+        )
+        captions = self._captions(batch)
+        if self.prompt_encoder:
+            prompt_embeds, pooled = self.prompt_encoder(captions)
+            out["prompt_embeds"] = list(prompt_embeds.float().numpy())
+            out["text_embeds"] = list(pooled.float().numpy())
+            out["time_ids"] = [sdxl_time_ids(args, *crop) for _, crop in images]
+        else:
+            ids = self.tokenizer(
+                captions, max_length=self.tokenizer.model_max_length, padding="max_length", truncation=True
+            ).input_ids
+            out["input_ids"] = [np.asarray(row, dtype=np.int64) for row in ids]
+        return out
+
+    def _captions(self, batch: pd.DataFrame) -> list[str]:
+        args, captions = self.args, []
         for ref, caption in zip(batch["source_ref"], batch[args.caption_column], strict=True):
             if isinstance(caption, list | np.ndarray):  # several captions: the script takes one
                 caption = caption[0] if len(caption) else ""
             if not isinstance(caption, str):
                 raise ConfigError(f"{ref}: {args.caption_column} must be text, got {type(caption).__name__}")
             captions.append("" if empty_prompt_chosen(args.seed, ref, args.proportion_empty_prompts) else caption)
-        input_ids = self.tokenizer(
-            captions, max_length=self.tokenizer.model_max_length, padding="max_length", truncation=True
-        ).input_ids
-        return pd.DataFrame(
-            {
-                "pixel_values": [
-                    self._image(v, ref, args.image_column) * 2.0 - 1.0
-                    for v, ref in zip(batch[args.image_column], batch["source_ref"], strict=True)
-                ],
-                "conditioning_pixel_values": [
-                    self._image(v, ref, args.conditioning_image_column)
-                    for v, ref in zip(batch[args.conditioning_image_column], batch["source_ref"], strict=True)
-                ],
-                "input_ids": [np.asarray(ids, dtype=np.int64) for ids in input_ids],
-            }
-        )
+        return captions
 
-    def _image(self, value, ref: str, column: str) -> np.ndarray:
-        """CHW float32 in [0, 1], resized (shorter side) and center-cropped to the resolution."""
+    def _image(self, value, ref: str, column: str) -> tuple[np.ndarray, tuple[tuple[int, int], tuple[int, int]]]:
+        """CHW float32 in [0, 1], resized (shorter side) and center-cropped to the resolution; and
+        ((original height, width), (crop top, left)), SDXL's micro-conditioning of the row."""
         try:
             array = decode_image(read_image_bytes(value), f"{ref} {column}", MAX_IMAGE_PIXELS)
         except UnreadableImage as error:  # training cannot skip rows silently: name the row and stop
             raise ConfigError(f"{ref} {column}: {error}") from None
         except RowError as error:
             raise ConfigError(str(error)) from None
-        size = self.args.resolution
-        # train_controlnet.py: transforms.Resize(resolution, BILINEAR) then CenterCrop(resolution).
-        array = fit_image(array, size, size, "center_crop", "bilinear")
-        return np.ascontiguousarray(array.transpose(2, 0, 1), dtype=np.float32) / 255.0
+        size, (height, width) = self.args.resolution, array.shape[:2]
+        _, (left, top) = center_crop_plan((width, height), size, size)
+        # The scripts: transforms.Resize(resolution) to the shorter side, then CenterCrop(resolution).
+        array = fit_image(array, size, size, "center_crop", self.interpolation)
+        chw = np.ascontiguousarray(array.transpose(2, 0, 1), dtype=np.float32) / 255.0
+        return chw, ((height, width), (top, left))
+
+
+class PlannedRows:
+    """Callable class for a rank's actor pool: table row numbers in, training examples out."""
+
+    def __init__(self, args: ControlNetTrainingArgs, registry_uri: str, table_ref: list[ray.ObjectRef]):
+        self.table: pd.DataFrame = ray.get(table_ref[0])
+        self.preprocess = TrainPreprocess(args, registry_uri)
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        return self.preprocess(self.table.iloc[batch["data"].to_numpy()].reset_index(drop=True))

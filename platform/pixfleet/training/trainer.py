@@ -15,7 +15,7 @@ from pixfleet.errors import UserError
 from pixfleet.models.loading import check_model_folder
 from pixfleet.models.registry import pin_version
 from pixfleet.tracking import mlflow_run, tracking_uri
-from pixfleet.training.data import training_dataset, with_local_models
+from pixfleet.training.data import training_table, with_local_models
 from pixfleet.training.loop import (
     CONTROLNET_DIR,
     VALIDATION_DIR,
@@ -76,12 +76,12 @@ def run_training(job: TrainingJobConfig, address: str | None = None) -> Training
             f"{storage / job.name} holds an earlier run named {job.name!r}: set train.resume_from_checkpoint: latest "
             "to continue it, or choose another name"
         )
-    ensure_ray(address)
-    dataset, num_rows = training_dataset(args, registry_uri)
+    table = training_table(args)
     try:
-        total_steps, _ = max_train_steps(args, num_rows, dist.num_workers)
+        total_steps = max_train_steps(args, len(table), dist.num_workers)
     except ValueError as error:
         raise ConfigError(f"train.train_batch_size: {error}") from None
+    ensure_ray(address)
 
     # 2. Train under one MLflow run; rank 0 logs into it.
     with mlflow_run(job.tracking, job.name, written) as mlflow:
@@ -94,7 +94,8 @@ def run_training(job: TrainingJobConfig, address: str | None = None) -> Training
             mlflow.log_params(pinned)
         inputs = LoopInputs(
             job=job,
-            num_rows=num_rows,
+            table_ref=ray.put(table),  # each rank's preprocessing actors read their rows from it
+            num_rows=len(table),
             registry_uri=registry_uri,
             mlflow_tracking_uri=mlflow.get_tracking_uri() if mlflow else None,
             mlflow_run_id=mlflow.active_run().info.run_id if mlflow else None,
@@ -112,7 +113,6 @@ def run_training(job: TrainingJobConfig, address: str | None = None) -> Training
                 failure_config=ray.train.FailureConfig(max_failures=dist.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=args.checkpoints_total_limit),
             ),
-            datasets={"train": dataset},
         )
         try:
             result = trainer.fit()

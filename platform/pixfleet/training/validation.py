@@ -10,7 +10,7 @@ from PIL import Image
 from pixfleet.config.training import ControlNetTrainingArgs
 
 if TYPE_CHECKING:
-    from pixfleet.training.loop import Components
+    from pixfleet.training.components import Components
 
 
 def validation_pairs(args: ControlNetTrainingArgs) -> list[tuple[str, str]]:
@@ -26,19 +26,7 @@ def validation_pairs(args: ControlNetTrainingArgs) -> list[tuple[str, str]]:
 @torch.no_grad()
 def validation_grid(parts: Components, controlnet, args: ControlNetTrainingArgs) -> Image.Image:
     """One row per pair: the control image, then `num_validation_images` samples."""
-    from diffusers import StableDiffusionControlNetPipeline, UniPCMultistepScheduler
-
-    pipe = StableDiffusionControlNetPipeline(
-        vae=parts.vae,
-        text_encoder=parts.text_encoder,
-        tokenizer=parts.tokenizer,
-        unet=parts.unet,
-        controlnet=controlnet,
-        scheduler=UniPCMultistepScheduler.from_config(parts.noise_scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = parts.validation_pipeline(controlnet)
     pipe.set_progress_bar_config(disable=True)
     size = args.resolution
     was_training = controlnet.training
