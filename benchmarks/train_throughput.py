@@ -1,11 +1,11 @@
 """Training samples/s: `pixfleet train` (1 and 2 workers) against a plain PyTorch loop, one run.
 
-The plain loop does the same step (train_controlnet.py's, `Components.loss`) on the same tiny
+The plain loop does the same step (the script's for the base, `Components.loss`) on the same tiny
 model, data and batch size in one process with torch's AdamW, no Ray. Steady state is the
 median samples/s over the steps after the first quarter; peak memory is the process's RSS
 (or peak CUDA memory on GPU) as rank 0 reports it.
 
-    python benchmarks/train_throughput.py [--steps 40] [--batch-size 4] [--resolution 64]
+    python benchmarks/train_throughput.py [--base sd|sdxl] [--steps 40] [--batch-size 4] [--resolution 64]
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--strategy", default="deepspeed", choices=["deepspeed", "ddp"])
-    parser.add_argument("--model", help="an existing SD pipeline folder; default: a tiny one")
+    parser.add_argument("--base", default="sd", choices=["sd", "sdxl"], help="the tiny base built when no --model")
+    parser.add_argument("--model", help="an existing SD or SDXL pipeline folder; default: a tiny one")
     return parser.parse_args()
 
 
@@ -120,7 +121,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="pixfleet-train-bench-"))
     model = Path(args.model) if args.model else work / "tiny"
     if not args.model:
-        make_tiny_pipeline("controlnet", model)
+        make_tiny_pipeline("sdxl_controlnet" if args.base == "sdxl" else "controlnet", model)
     data = make_fill50k(work / "fill50k", n=args.rows, size=args.resolution, seed=0)
 
     plain, plain_memory = plain_loop(args, train_job(args, model, data, work, 1))
@@ -129,7 +130,10 @@ def main() -> None:
     ray.shutdown()
 
     base = steady(plain)
-    print(f"{args.steps} steps, batch {args.batch_size} per worker, {args.resolution}px, strategy {args.strategy}")
+    print(
+        f"{args.model or 'tiny ' + args.base}: {args.steps} steps, batch {args.batch_size} per worker, "
+        f"{args.resolution}px, strategy {args.strategy}"
+    )
     print(f"plain PyTorch loop      {base:7.2f} samples/s   peak RSS {plain_memory:7.0f} MiB")
     for workers, (rates, memory) in results.items():
         rate = steady(rates)

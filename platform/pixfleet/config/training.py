@@ -53,7 +53,9 @@ class ControlNetTrainingArgs(StrictModel):
     checkpointing_steps: int = Field(500, ge=1, description="Save a resumable checkpoint every N steps.")
     checkpoints_total_limit: int | None = Field(None, ge=1, description="Keep at most this many checkpoints.")
     resume_from_checkpoint: str | None = Field(
-        None, description="'latest' resumes the run's last checkpoint; or a checkpoint folder."
+        None,
+        description="'latest' resumes the run's last checkpoint; or a checkpoint folder: pixfleet's, or a "
+        "checkpoint-N/ the diffusers scripts wrote (its ControlNet, step and schedule; its optimizer with ddp).",
     )
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory in the ControlNet.")

@@ -155,7 +155,8 @@ class Components:
         """The scripts' step: noise the image latents, predict with ControlNet residuals, MSE."""
         latents = self.vae.encode(batch["pixel_values"].to(self.vae.dtype)).latent_dist.sample(generator)
         latents = (latents * self.vae.config.scaling_factor).to(self.dtype)
-        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        # As the scripts' randn_like: drawn in the latents' memory order (the VAE's is not contiguous).
+        noise = torch.empty_like(latents).normal_(generator=generator)
         timesteps = torch.randint(
             0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator
         ).to(latents.device)

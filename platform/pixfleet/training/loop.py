@@ -22,6 +22,7 @@ from pixfleet.config.training import ControlNetTrainingArgs, TrainingJobConfig
 from pixfleet.tracking import format_duration
 from pixfleet.training.components import load_components
 from pixfleet.training.data import DataPlan, planned_dataset, with_local_models
+from pixfleet.training.script_checkpoints import is_script_checkpoint, load_script_checkpoint
 from pixfleet.training.strategies import DDPStrategy, DeepSpeedStrategy
 from pixfleet.training.validation import validation_grid
 
@@ -93,7 +94,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     global_step = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and args.resume_from_checkpoint not in (None, "latest"):
-        checkpoint = ray.train.Checkpoint.from_directory(args.resume_from_checkpoint)
+        if is_script_checkpoint(args.resume_from_checkpoint):  # its ControlNet is already loaded
+            global_step = load_script_checkpoint(strategy, args.resume_from_checkpoint)
+        else:
+            checkpoint = ray.train.Checkpoint.from_directory(args.resume_from_checkpoint)
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             strategy.load(Path(folder))

@@ -23,6 +23,7 @@ from pixfleet.training.loop import (
     max_train_steps,
     train_loop_per_worker,
 )
+from pixfleet.training.script_checkpoints import is_script_checkpoint, script_checkpoint_controlnet
 from pixfleet.training.strategies import check_setup
 
 
@@ -63,6 +64,12 @@ def run_training(job: TrainingJobConfig, address: str | None = None) -> Training
     registry_uri = tracking_uri(job.tracking) if any(m and is_mlflow_uri(m) for m in models) else ""
     written = job.model_dump(mode="json")  # MLflow records the URIs as given; the versions beside them
     job = _with_pinned_versions(job, registry_uri)
+    if job.train.resume_from_checkpoint and is_script_checkpoint(job.train.resume_from_checkpoint):
+        # A diffusers script's checkpoint-N/: training starts from its ControlNet.
+        controlnet = script_checkpoint_controlnet(job.train.resume_from_checkpoint)
+        job = job.model_copy(
+            update={"train": job.train.model_copy(update={"controlnet_model_name_or_path": controlnet})}
+        )
     args, dist = job.train, job.distributed
     storage = Path(dist.storage_path)
 

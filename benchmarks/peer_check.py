@@ -1,0 +1,242 @@
+"""Peer check: pixfleet's ControlNet step against diffusers' own train_controlnet.py (SD) or
+train_controlnet_sdxl.py (SDXL), whichever script it is given.
+
+The same tiny pipeline (SD or SDXL, after the script's name), ControlNet and rows go through
+both. The script runs unchanged from the diffusers source it is given (read at run time, never
+copied here) for one step, in a subprocess that records, without altering anything: the inputs
+its first step gives the ControlNet (pixel values, text embeddings, SDXL's pooled embeddings
+and time ids, control images), the global RNG state as the step starts drawing (the VAE
+sample, the noise, the timesteps) and the loss it logs. pixfleet then preprocesses the same
+rows (`TrainPreprocess`) and computes its loss (`Components.loss`) with a generator in that
+RNG state. It prints the largest difference of each input and the two losses, and fails past
+the tolerance.
+
+torchvision does not import beside this project's torch, so the script's four transforms
+(Resize, CenterCrop, ToTensor, Normalize) come from a PIL stand-in put on its path; the rows
+are already at the resolution, where Resize and CenterCrop leave images as they are.
+
+    python benchmarks/peer_check.py --script PATH/TO/diffusers/examples/controlnet/train_controlnet_sdxl.py
+    python benchmarks/peer_check.py --script PATH/TO/diffusers/examples/controlnet/train_controlnet.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pixfleet.config.training import ControlNetTrainingArgs
+from pixfleet.data.fill50k import make_fill50k
+from pixfleet.models.tiny import make_tiny_pipeline
+from pixfleet.training.components import load_components
+from pixfleet.training.data import TrainPreprocess
+
+TRANSFORMS_STAND_IN = '''
+"""PIL stand-ins for the torchvision transforms the peer script uses."""
+import enum
+import numpy as np
+import torch
+from PIL import Image
+
+class InterpolationMode(enum.Enum):
+    NEAREST = Image.Resampling.NEAREST
+    BILINEAR = Image.Resampling.BILINEAR
+    BICUBIC = Image.Resampling.BICUBIC
+    LANCZOS = Image.Resampling.LANCZOS
+
+class Compose:
+    def __init__(self, transforms):
+        self.transforms = transforms
+    def __call__(self, x):
+        for t in self.transforms:
+            x = t(x)
+        return x
+
+class Resize:  # shorter side to `size`, as torchvision
+    def __init__(self, size, interpolation=InterpolationMode.BILINEAR):
+        self.size, self.interpolation = size, interpolation
+    def __call__(self, image):
+        w, h = image.size
+        short, long = min(w, h), max(w, h)
+        new_long = int(self.size * long / short)
+        size = (self.size, new_long) if w <= h else (new_long, self.size)
+        return image if size == image.size else image.resize(size, self.interpolation.value)
+
+class CenterCrop:
+    def __init__(self, size):
+        self.size = size
+    def __call__(self, image):
+        w, h = image.size
+        top, left = int(round((h - self.size) / 2.0)), int(round((w - self.size) / 2.0))
+        return image.crop((left, top, left + self.size, top + self.size))
+
+class ToTensor:
+    def __call__(self, image):
+        return torch.from_numpy(np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0)
+
+class Normalize:
+    def __init__(self, mean, std):
+        self.mean, self.std = mean[0], std[0]
+    def __call__(self, tensor):
+        return (tensor - self.mean) / self.std
+'''
+
+# Runs the script as `python train_controlnet_sdxl.py ...` would, recording what its first step
+# sees through wrappers that call the originals.
+RECORDER = textwrap.dedent(
+    """
+    import runpy, sys, torch, accelerate, diffusers, transformers
+    script, out, shim, argv = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+    record = {}
+    # What the script imports, imported before the stand-in is on the path: transformers would
+    # otherwise take it for the real torchvision and import parts of it that it lacks.
+    from diffusers import StableDiffusionXLControlNetPipeline, UNet2DConditionModel  # noqa: F401
+    from transformers import CLIPImageProcessor, CLIPTextModelWithProjection  # noqa: F401
+    import transformers.image_transforms  # noqa: F401
+
+    def wrap(cls, name, before):
+        original = getattr(cls, name)
+        def wrapper(self, *args, **kwargs):
+            before(*args, **kwargs)
+            return original(self, *args, **kwargs)
+        setattr(cls, name, wrapper)
+
+    def on_encode(pixel_values, *args, **kwargs):
+        if "rng" not in record:
+            record["rng"], record["pixel_values"] = torch.get_rng_state(), pixel_values.detach().clone()
+
+    def on_controlnet(*args, **kwargs):
+        if "encoder_hidden_states" not in record:
+            record["encoder_hidden_states"] = kwargs["encoder_hidden_states"].detach().clone()
+            record["conditioning_pixel_values"] = kwargs["controlnet_cond"].detach().clone()
+            for name, value in (kwargs.get("added_cond_kwargs") or {}).items():
+                record[name] = value.detach().clone()
+
+    def on_log(values, step=None, **kwargs):
+        if "loss" in values:
+            record.setdefault("losses", {})[step] = values["loss"]
+
+    wrap(diffusers.AutoencoderKL, "encode", on_encode)
+    wrap(diffusers.ControlNetModel, "forward", on_controlnet)
+    wrap(accelerate.Accelerator, "log", on_log)
+    sys.path.insert(0, shim)
+    sys.argv = [script, *argv]
+    runpy.run_path(script, run_name="__main__")
+    torch.save(record, out)
+    """
+)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--script", required=True, type=Path, help="diffusers' train_controlnet.py or train_controlnet_sdxl.py"
+    )
+    parser.add_argument("--rows", type=int, default=4, help="rows, all in the one batch")
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rtol", type=float, default=1e-5)
+    return parser.parse_args()
+
+
+def run_script(args, work: Path, base: Path, data: Path) -> dict:
+    shim = work / "shim" / "torchvision"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text("from . import transforms\n")
+    (shim / "transforms.py").write_text(TRANSFORMS_STAND_IN)
+    (work / "recorder.py").write_text(RECORDER)
+    record_path = work / "script_step1.pt"
+    argv = [
+        f"--pretrained_model_name_or_path={base}",
+        f"--controlnet_model_name_or_path={base / 'controlnet'}",
+        f"--train_data_dir={data}",
+        f"--output_dir={work / 'script_out'}",
+        f"--resolution={args.resolution}",
+        f"--train_batch_size={args.rows}",
+        "--max_train_steps=1",
+        f"--seed={args.seed}",
+        "--learning_rate=1e-4",
+        "--checkpointing_steps=1000",
+    ]
+    command = [sys.executable, str(work / "recorder.py"), str(args.script), str(record_path), str(work / "shim")]
+    subprocess.run([*command, *argv], check=True)
+    return torch.load(record_path, weights_only=False)
+
+
+def pixfleet_batch(train_args: ControlNetTrainingArgs, data: Path, order_like: torch.Tensor) -> dict:
+    """The rows preprocessed by pixfleet, in the order the script's batch holds them."""
+    rows = [json.loads(line) for line in (data / "metadata.jsonl").open()]
+    table = pd.DataFrame(
+        {
+            "image": [str(data / r["file_name"]) for r in rows],
+            "conditioning_image": [str(data / r["conditioning_image_file_name"]) for r in rows],
+            "text": [r["text"] for r in rows],
+            "source_ref": [f"row {i}" for i in range(len(rows))],
+        }
+    )
+    examples = TrainPreprocess(train_args)(table)
+    batch = {c: torch.from_numpy(np.stack(examples[c].to_list())) for c in examples.columns}
+    # The script shuffles; each control image is distinct, so it names its row.
+    distances = torch.cdist(order_like.flatten(1), batch["conditioning_pixel_values"].flatten(1))
+    order = distances.argmin(dim=1)
+    assert sorted(order.tolist()) == list(range(len(rows))), "rows of the script's batch not found"
+    return {c: v[order] for c, v in batch.items()}
+
+
+def main() -> None:
+    args = parse_args()
+    work = Path(tempfile.mkdtemp(prefix="pixfleet-peer-"))
+    sdxl = "sdxl" in args.script.name
+    base = work / "tiny-base"
+    make_tiny_pipeline("sdxl_controlnet" if sdxl else "controlnet", base)
+    data = make_fill50k(work / "fill50k", n=args.rows, size=args.resolution, seed=args.seed)
+
+    script = run_script(args, work, base, data)
+
+    train_args = ControlNetTrainingArgs(
+        pretrained_model_name_or_path=str(base),
+        controlnet_model_name_or_path=str(base / "controlnet"),
+        train_data_dir=str(data),
+        resolution=args.resolution,
+        train_batch_size=args.rows,
+        seed=args.seed,
+    )  # each row's own size and crop: (resolution, resolution, 0, 0), the script's constants here
+    batch = pixfleet_batch(train_args, data, script["conditioning_pixel_values"])
+    parts = load_components(train_args, torch.device("cpu"))
+    generator = torch.Generator().set_state(script["rng"])
+    with torch.no_grad():
+        loss = float(parts.loss(parts.controlnet, batch, generator))
+        encoder_hidden_states, added = parts.conditions(batch)
+    inputs = {
+        "pixel_values": batch["pixel_values"],
+        "conditioning_pixel_values": batch["conditioning_pixel_values"],
+        "encoder_hidden_states": encoder_hidden_states,
+        **(added or {}),
+    }
+
+    print(f"diffusers script: {args.script}")
+    print(f"{'SDXL' if sdxl else 'SD'} base, {args.rows} rows, {args.resolution}px, seed {args.seed}")
+    print("largest absolute differences of the step's inputs:")
+    worst = 0.0
+    for name, value in inputs.items():
+        difference = float((script[name].float() - value.float()).abs().max())
+        worst = max(worst, difference)
+        print(f"  {name:26s} {difference:.3e}")
+    reference = script["losses"][1]
+    relative = abs(loss - reference) / abs(reference)
+    print(f"step-1 loss: script {reference:.8f}  pixfleet {loss:.8f}  relative difference {relative:.2e}")
+    if relative > args.rtol or worst > 1e-5:
+        sys.exit(f"peer check failed: beyond rtol {args.rtol}")
+    print("peer check passed")
+
+
+if __name__ == "__main__":
+    main()
