@@ -14,6 +14,7 @@ for an SDXL base, as train_controlnet_sdxl.py's `compute_embeddings` precomputes
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -121,9 +122,13 @@ def planned_dataset(
 
     Only row numbers travel through Ray Data; the preprocessing actors hold the table."""
     rows = plan.rows(rank, first_batch, num_batches)
-    block = 2 * plan.batch_size  # small blocks: the first batch is ready after two micro-batches' work
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    return ray.data.from_numpy([rows[i : i + block] for i in range(0, len(rows), block)]).map_batches(
+    # from_items builds its blocks here: from_numpy and from_pandas would start tasks of a whole
+    # CPU each, which a cluster whose CPUs the train workers hold never runs (a silent hang).
+    # Small blocks: the first batch is ready after two micro-batches' work.
+    return ray.data.from_items(
+        [{"row": int(row)} for row in rows], override_num_blocks=max(1, math.ceil(len(rows) / (2 * plan.batch_size)))
+    ).map_batches(
         PlannedRows,
         fn_constructor_args=(args, registry_uri, [table_ref]),  # in a list: Ray must not resolve it early
         batch_size=plan.batch_size,
@@ -210,4 +215,4 @@ class PlannedRows:
         self.preprocess = TrainPreprocess(args, registry_uri)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        return self.preprocess(self.table.iloc[batch["data"].to_numpy()].reset_index(drop=True))
+        return self.preprocess(self.table.iloc[batch["row"].to_numpy()].reset_index(drop=True))
