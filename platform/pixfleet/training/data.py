@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -103,19 +102,25 @@ class DataPlan:
 
     def rows(self, rank: int, first_batch: int, num_batches: int) -> np.ndarray:
         """Table row numbers of this rank's micro-batches `first_batch` onwards, in order."""
-        size, out = self.batch_size, []
-        for batch in range(first_batch, first_batch + num_batches):
-            epoch, position = divmod(batch, self.batches_per_epoch)
-            out.append(self._epoch_order(epoch)[rank :: self.world_size][position * size : (position + 1) * size])
+        size, per_epoch = self.batch_size, self.batches_per_epoch
+        out, batch, end = [], first_batch, first_batch + num_batches
+        while batch < end:  # one permutation per epoch touched, none kept
+            epoch, position = divmod(batch, per_epoch)
+            share = np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)[rank :: self.world_size]
+            taken = min(end - batch, per_epoch - position)
+            out.append(share[position * size : (position + taken) * size])
+            batch += taken
         return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
-
-    @cache  # noqa: B019 -- a handful of epochs per plan, and plans live as long as a run
-    def _epoch_order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
 
 
 def planned_dataset(
-    plan: DataPlan, rank: int, first_batch: int, num_batches: int, table_ref: ray.ObjectRef, args, registry_uri: str
+    plan: DataPlan,
+    rank: int,
+    first_batch: int,
+    num_batches: int,
+    table_ref: ray.ObjectRef,
+    args: ControlNetTrainingArgs,
+    registry_uri: str,
 ) -> ray.data.Dataset:
     """This rank's micro-batches as one stream across epochs: one actor pool for the whole run
     and no restart between epochs, so the next epoch's first batches are ready on time.
