@@ -208,18 +208,21 @@ def test_a_rerun_without_resume_refuses_to_overwrite_the_old_run(tiny_dir, train
 
 
 def test_a_killed_worker_resumes_from_the_last_checkpoint(tiny_dir, train_data, tmp_path):
-    job = train_job(tiny_dir, train_data, tmp_path, "ddp", max_train_steps=16, checkpointing_steps=4)
+    # Long enough to outlast the controller's registration of the first checkpoint (seconds).
+    job = train_job(tiny_dir, train_data, tmp_path, "ddp", max_train_steps=40, checkpointing_steps=4)
     job.distributed.max_failures = 1
     storage = tmp_path / "ray_train" / "run"  # exists once the run has started
     killed = []
 
     def kill_a_worker_two_steps_after_the_first_checkpoint():
-        # A checkpoint counts once Ray Train's controller has registered it, a little after
-        # its folder appears: wait until training has moved on past it.
+        # A checkpoint counts once Ray Train's controller has registered it (its poll is 2 s),
+        # which it records in the run folder's checkpoint manager snapshot; training runs past
+        # it in well under a poll on CPU, so wait for the snapshot and for step 6.
         client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
         deadline = time.time() + 240
         while time.time() < deadline:
-            runs = client.search_runs(client.get_experiment_by_name("tests").experiment_id) if storage.exists() else []
+            registered = (storage / "checkpoint_manager_snapshot.json").exists()
+            runs = client.search_runs(client.get_experiment_by_name("tests").experiment_id) if registered else []
             if runs and max((m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")), default=0) >= 6:
                 break
             time.sleep(0.5)
@@ -235,9 +238,9 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(tiny_dir, train_data, 
     killer.join(timeout=5)
 
     assert killed, "no train worker was found to kill"
-    assert summary.steps == 16
+    assert summary.steps == 40
     steps = [step for step, _ in metric_history(tmp_path, summary.mlflow_run_id)]
-    assert set(steps) == set(range(1, 17))
+    assert set(steps) == set(range(1, 41))
     assert steps.count(1) == 1  # restarted from a checkpoint, not from step 0
 
 
