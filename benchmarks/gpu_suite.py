@@ -3,8 +3,8 @@
     python benchmarks/gpu_suite.py --out DIR            # one GPU, no hub: about 8 minutes
     python benchmarks/gpu_suite.py --out DIR --tiny     # the same code on tiny models on CPU
 
-It builds the models it needs (`make-random`, or `make-tiny` with --tiny) under DIR/models,
-then measures each part under its own time budget and rewrites DIR/results.json and
+It builds the models it needs (`make-random`, or `make-tiny` with --tiny) under DIR/models
+(or --models), then measures each part under its own time budget and rewrites DIR/results.json and
 DIR/results.md after every measurement, so a run cut short keeps what it measured:
 
   generate   SD 1.5 + ControlNet, 512 px, 20 steps UniPC, CFG 7.5, fp16: a plain diffusers loop
@@ -52,7 +52,8 @@ from pixfleet.engine.runner import PipelineRunner
 from pixfleet.models.tasks import task_info
 
 TFLOP_PER_SD15_CONTROLNET_IMAGE = 47.5  # 512 px, 20 steps, classifier-free guidance
-DENSE_BF16_TFLOPS = {"H100": 790.0, "H200": 790.0, "A100": 312.0}
+# Datasheet dense BF16 peaks (SXM parts), the figure FLOP shares divide by.
+DENSE_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,7 @@ TINY_CASES = [
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for models and results")
+    parser.add_argument("--models", type=Path, help="folder for the built models (default: OUT/models)")
     parser.add_argument("--tiny", action="store_true", help="tiny models on this machine's device (CPU)")
     parser.add_argument("--parts", default="generate,pix2pix,sdxl,train,serve", help="comma-separated parts")
     parser.add_argument("--budget-s", type=float, help="seconds per measurement (default 25, tiny 3)")
@@ -90,6 +92,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-ray", action="store_true", help="skip `pixfleet generate` even where Ray imports")
     args = parser.parse_args()
     args.budget_s = args.budget_s or (3.0 if args.tiny else 25.0)
+    args.models = args.models or args.out / "models"
     args.compile = (not args.tiny) if args.compile is None else args.compile
     return args
 
@@ -145,8 +148,8 @@ def environment(tiny: bool) -> dict[str, Any]:
 
 
 def build_model(args, case: GenerationCase) -> Path:
-    """The case's pipeline folder under DIR/models, built once."""
-    folder = args.out / "models" / (f"tiny-{case.task}" if args.tiny else case.arch)
+    """The case's pipeline folder under --models, built once."""
+    folder = args.models / (f"tiny-{case.task}" if args.tiny else case.arch)
     if (folder / "model_index.json").is_file():
         return folder
     start = time.perf_counter()

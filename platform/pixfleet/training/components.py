@@ -155,8 +155,9 @@ class Components:
         """The scripts' step: noise the image latents, predict with ControlNet residuals, MSE."""
         latents = self.vae.encode(batch["pixel_values"].to(self.vae.dtype)).latent_dist.sample(generator)
         latents = (latents * self.vae.config.scaling_factor).to(self.dtype)
-        # As the scripts' randn_like: drawn in the latents' memory order (the VAE's is not contiguous).
-        noise = torch.empty_like(latents).normal_(generator=generator)
+        # As the scripts' randn_like: drawn in the latents' memory order (the VAE's is not contiguous),
+        # on the generator's device (the CPU), so the noise does not depend on the accelerator.
+        noise = torch.empty_like(latents, device=generator.device).normal_(generator=generator).to(latents.device)
         timesteps = torch.randint(
             0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator
         ).to(latents.device)
