@@ -3,14 +3,84 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
 from pixfleet.models.tasks import TASKS
 from tests.helpers import MULTI_CONTROLNET_TASKS
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# The object store the tests use: an S3 API server on loopback (moto's), started when a test
+# first asks for a bucket. Its address and a key pair go into the environment now, before any
+# Ray starts, so every worker and every node the tests start reads the same store, through the
+# standard AWS variables users set; a developer's own AWS settings never reach a real bucket.
+S3_ENDPOINT = f"http://127.0.0.1:{_free_port()}"
+os.environ.update(
+    {
+        "AWS_ENDPOINT_URL": S3_ENDPOINT,
+        "AWS_ACCESS_KEY_ID": "pixfleet-tests",
+        "AWS_SECRET_ACCESS_KEY": "pixfleet-tests-secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+)
+for variable in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_CONFIG_FILE"):
+    os.environ.pop(variable, None)
+os.environ["AWS_SHARED_CREDENTIALS_FILE"] = os.devnull
+
+
+def start_s3_server(endpoint: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """moto's standalone S3 (and IAM) server on `endpoint`, answering once it is up."""
+    port = endpoint.rsplit(":", 1)[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", port],
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2)
+            return server
+        except OSError:
+            if server.poll() is not None or time.time() > deadline:
+                server.kill()
+                raise RuntimeError(f"moto's S3 server did not start on {endpoint}") from None
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    server = start_s3_server(S3_ENDPOINT)
+    yield S3_ENDPOINT
+    server.terminate()
+    server.wait(timeout=30)
+
+
+@pytest.fixture
+def bucket(s3_server) -> str:
+    """A fresh, empty bucket: its `s3://` URI."""
+    import boto3
+
+    name = f"pixfleet-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return f"s3://{name}"
 
 
 def pytest_collection_modifyitems(config, items):
