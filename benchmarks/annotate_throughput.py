@@ -3,7 +3,9 @@
 Both sides do the same work on the same photos: read each photo, resize it to the training
 resolution, run the same DPT depth model (same batch size and torch threads) through its image
 processor, and write the photo and its depth map as PNGs. Steady state is measured alike:
-maps written after the first quarter, over the time from then to the last file.
+maps written after the first quarter, over the time from then to the last file. The driver's
+share of a core (its CPU seconds over the job's wall seconds) is reported beside each run: the
+work the rows cost the process that only counts them.
 
     python benchmarks/annotate_throughput.py [--rows 256] [--batch-size 8] [--size 256] [--threads 2]
 """
@@ -18,6 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import ray
 import torch
 from generate_throughput import steady_images_per_second
@@ -128,14 +131,18 @@ def main() -> None:
         ensure_ray()
         ray_seconds.append(time.perf_counter() - start)
         out = work / f"pixfleet-{repeat}"
+        driver = psutil.Process()
+        cpu_before, wall_before = sum(driver.cpu_times()[:2]), time.perf_counter()
         summary = run_annotation(annotate_job(args, model, work / "photos", out))
+        driver_share = (sum(driver.cpu_times()[:2]) - cpu_before) / (time.perf_counter() - wall_before)
         ray.shutdown()
         pixfleet_rate, pixfleet_count = steady_images_per_second(out / "conditioning_images")
         assert plain_count == pixfleet_count == args.rows, (plain_count, pixfleet_count)
         ratios.append(pixfleet_rate / plain_rate)
         lines.append(
             f"repeat {repeat}: plain {plain_rate:6.2f} rows/s ({plain_seconds:5.1f} s end to end), "
-            f"pixfleet {pixfleet_rate:6.2f} rows/s ({summary.seconds:5.1f} s end to end), ratio {ratios[-1]:.3f}"
+            f"pixfleet {pixfleet_rate:6.2f} rows/s ({summary.seconds:5.1f} s end to end, driver "
+            f"{driver_share:.2f} of a core), ratio {ratios[-1]:.3f}"
         )
 
     print(f"rows {args.rows}, batch {args.batch_size}, {args.size}px, {args.threads} threads, depth model {model}")

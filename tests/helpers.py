@@ -171,3 +171,11 @@ def register_controlnet(folder: Path, name: str, tracking_uri: str, artifacts: P
     version = client.create_model_version(name, f"{run.info.artifact_uri}/controlnet", run.info.run_id)
     client.set_registered_model_alias(name, alias, version.version)
     return version.version
+
+
+def upload(folder: Path, uri: str) -> str:
+    """Copy a local folder's files under `uri` (a bucket prefix), as a user's sync would."""
+    from pixfleet.storage import Location
+
+    Location.of(uri).upload_folder(folder)
+    return uri

@@ -85,13 +85,15 @@ def config_validate(
     typer.echo(f"{config}: a valid {kind} config")
 
 
-def _run_bulk_job(config_class, run, config: Path, set_: list[str] | None, address, ray_progress: bool) -> None:
+def _run_bulk_job(
+    config_class, run, config: Path, set_: list[str] | None, address, ray_progress: bool, **options
+) -> None:
     """Load the config, run the Ray Data job, print its summary; errors and interrupts as exit codes."""
     from pixfleet.config import load_config
 
     try:
         job = load_config(config_class, config, set_ or [])
-        summary = run(job, address=address or os.environ.get("RAY_ADDRESS"), ray_progress=ray_progress)
+        summary = run(job, address=address or os.environ.get("RAY_ADDRESS"), ray_progress=ray_progress, **options)
     except UserError as error:
         _fail(str(error), error.exit_code)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the MLflow run is already marked KILLED
@@ -185,6 +187,14 @@ def generate(
     set_: SetOption = None,
     address: AddressOption = None,
     ray_progress: RayProgressOption = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            help="Run the whole plan but the diffusers call: read and decode the sources, fit images, run "
+            "detectors, resolve and check parameters, derive ids and seeds; no model is loaded. Writes each "
+            "row's status (planned, failed with its reason, skipped) to OUTPUT_DIR/dry-run/manifest.parquet."
+        ),
+    ] = False,
 ) -> None:
     """Run a bulk generation job on Ray Data.
 
@@ -197,7 +207,7 @@ def generate(
     from pixfleet.config import GenerationJobConfig
     from pixfleet.generation.job import run_generation
 
-    _run_bulk_job(GenerationJobConfig, run_generation, config, set_, address, ray_progress)
+    _run_bulk_job(GenerationJobConfig, run_generation, config, set_, address, ray_progress, dry_run=dry_run)
 
 
 @app.command()
@@ -222,14 +232,19 @@ def annotate(
 
 
 @app.command()
-def gallery(output_dir: Annotated[Path, typer.Argument(help="A generation job's sink.output_dir.")]) -> None:
+def gallery(output_dir: Annotated[str, typer.Argument(help="A generation job's sink.output_dir.")]) -> None:
     """Write gallery.html (and pages after it) from the job's manifest.parquet: inputs, control
     maps, outputs, prompts, seeds and failures side by side. Jobs write it when they end."""
     from pixfleet.generation.gallery import write_gallery
+    from pixfleet.storage import Location
 
-    if not (output_dir / "manifest.parquet").is_file():
-        _fail(f"{output_dir}: no manifest.parquet (not a generation job's output folder)")
-    typer.echo(f"wrote {write_gallery(output_dir)}")
+    try:
+        root = Location.of(output_dir)
+        if not (root / "manifest.parquet").is_file():
+            _fail(f"{output_dir}: no manifest.parquet (not a generation job's output folder)")
+        typer.echo(f"wrote {write_gallery(root)}")
+    except UserError as error:
+        _fail(str(error), error.exit_code)
 
 
 @app.command()

@@ -24,6 +24,7 @@ from pixfleet.config.loading import ConfigError, read_config_data, validate_conf
 from pixfleet.errors import UserError
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
+T = TypeVar("T")
 
 JOB_CONFIG_ENV = "PIXFLEET_JOB_CONFIG"  # the job's config as YAML text
 JOB_CONFIG_SOURCE_ENV = "PIXFLEET_JOB_CONFIG_SOURCE"  # where it came from, for error messages
@@ -212,3 +213,13 @@ def quiet_ray_data(ray_progress: bool) -> None:
     context.print_on_execution_start = ray_progress
     # Else Ray Data warns once that its bars are off, which is the point.
     logging.getLogger("ray.data._internal.progress").setLevel(logging.INFO if ray_progress else logging.ERROR)
+
+
+BESIDE_THE_JOB_CPUS = 0.1
+
+
+def run_beside(fn: Callable[..., T], *args, **kwargs) -> ray.ObjectRef:
+    """`fn(*args)` as a Ray task with a sliver of a CPU: bookkeeping of a job's output (its
+    resume index, the merge of its records) that reads rows runs there, not in the driver,
+    and fits beside actors that hold whole CPUs. Returns the task's reference."""
+    return ray.remote(num_cpus=BESIDE_THE_JOB_CPUS)(fn).remote(*args, **kwargs)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pixfleet.annotation.dataset import JsonLines, SettingsChanged
+from pixfleet.annotation.dataset import SettingsChanged
 from pixfleet.annotation.job import run_annotation
 from pixfleet.annotation.stages import map_coverage, perceptual_hash
 from pixfleet.config import ConfigError
@@ -89,14 +89,8 @@ def test_map_coverage_is_the_share_of_pixels_off_the_background():
     assert map_coverage(np.full((4, 4, 3), 128, np.uint8)) == 0.0
 
 
-def test_a_line_cut_short_by_a_kill_is_dropped(tmp_path):
-    lines = JsonLines(tmp_path / "metadata.jsonl")
-    lines.append([{"a": 1}, {"a": 2}])
-    with open(lines.path, "a") as f:
-        f.write('{"a": 3, "b"')
-    assert lines.read() == [{"a": 1}, {"a": 2}]
-    lines.append([{"a": 4}])
-    assert lines.read() == [{"a": 1}, {"a": 2}, {"a": 4}]
+def json_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 @pytest.mark.usefixtures("ray_session")
@@ -113,7 +107,7 @@ def test_annotate_writes_a_training_set_with_filters_and_resumes_without_repeati
     }
 
     # Every row in the manifest, with the reason it was kept out.
-    manifest = {Path(r["source_ref"]).name: r for r in JsonLines(out / "manifest.jsonl").read()}
+    manifest = {Path(r["source_ref"]).name: r for r in json_lines(out / "manifest.jsonl")}
     assert len(manifest) == 12
     reasons = {name: r["error"] for name, r in manifest.items() if r["status"] != "ok"}
     assert reasons["0_copy.png"].startswith(f"duplicate of {photos / 'cats' / '0.png'}")
@@ -124,7 +118,7 @@ def test_annotate_writes_a_training_set_with_filters_and_resumes_without_repeati
     assert reasons["broken.png"] == "image: cannot decode image (not a format Pillow reads)"
 
     # The imagefolder: photos at the training resolution, their canny maps, template captions.
-    metadata = JsonLines(out / "metadata.jsonl").read()
+    metadata = json_lines(out / "metadata.jsonl")
     assert len(metadata) == 6
     by_name = {r["row_id"]: name for name, r in manifest.items() if r["status"] == "ok"}
     for line in metadata:
@@ -136,6 +130,7 @@ def test_annotate_writes_a_training_set_with_filters_and_resumes_without_repeati
         parent = "cats" if int(name[0]) < 3 else "dogs"
         assert line["text"] == f"a photo of a {parent} named {Path(name).stem}"
     assert sorted(p.name for p in (out / "images").iterdir()) == sorted(Path(m["file_name"]).name for m in metadata)
+    assert not (out / "records").exists() or not list((out / "records").iterdir())  # merged, then removed
 
     # `datasets` and `pixfleet train` read it as an imagefolder.
     import datasets
@@ -143,12 +138,11 @@ def test_annotate_writes_a_training_set_with_filters_and_resumes_without_repeati
     loaded = datasets.load_dataset("imagefolder", data_dir=str(out), split="train")
     assert len(loaded) == 6 and {"image", "conditioning_image", "text"} <= set(loaded.column_names)
 
-    # A rerun (after a kill that cut a line short) skips what is recorded and lists nothing twice.
-    with open(out / "metadata.jsonl", "a") as f:
-        f.write('{"file_name": "images/')
+    # A rerun skips what is recorded and lists nothing twice.
     again = run_annotation(annotate_job(photos, out))
     assert (again.rows_skipped, again.rows_ok, again.rows_failed) == (11, 0, 1)
-    assert JsonLines(out / "metadata.jsonl").read() == metadata
+    assert json_lines(out / "metadata.jsonl") == metadata
+    assert len(json_lines(out / "manifest.jsonl")) == 13  # the failed row, recorded again
 
     # Other settings in the same folder would mix two data sets: refused.
     with pytest.raises(SettingsChanged, match="holds rows annotated with other detector"):

@@ -4,6 +4,7 @@ and the same detector."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import mlflow
@@ -12,7 +13,6 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pixfleet.annotation.dataset import JsonLines
 from pixfleet.annotation.job import run_annotation
 from pixfleet.config import GenerationJobConfig
 from pixfleet.config.annotation import AnnotateJobConfig
@@ -49,7 +49,8 @@ def test_photos_to_training_set_to_controlnet_to_images(tiny_dir, tmp_path):
         )
     )
     assert (annotated.rows_ok, annotated.rows_failed) == (8, 0)
-    captions = [line["text"] for line in JsonLines(tmp_path / "training_set" / "metadata.jsonl").read()]
+    metadata = (tmp_path / "training_set" / "metadata.jsonl").read_text().splitlines()
+    captions = [json.loads(line)["text"] for line in metadata]
     assert len(captions) == 8 and all(len(caption.split()) == 5 for caption in captions)
 
     # The champion to start from: a ControlNet registered earlier.

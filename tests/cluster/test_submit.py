@@ -11,7 +11,8 @@ import mlflow
 import pytest
 import yaml
 
-from tests.helpers import register_controlnet, tiny_spec
+from pixfleet.storage import Location
+from tests.helpers import register_controlnet, tiny_spec, upload
 
 pytestmark = pytest.mark.timeout(420)
 PROJECT = Path(__file__).resolve().parents[2]
@@ -63,14 +64,31 @@ def test_a_submission_without_the_token_is_refused(cluster, tmp_path, tiny_dir, 
     assert listed.returncode == 0, listed.stderr
 
 
-def test_a_generation_job_runs_on_both_nodes(cluster, tmp_path, tiny_dir, fill50k_dir):
-    config = write(tmp_path / "job.yaml", generation_config(tiny_dir, fill50k_dir, tmp_path))
-    result = pixfleet(cluster, "submit", "generate", str(config), "--address", cluster.address, "--wait")
+def test_a_generation_job_runs_on_both_nodes_with_every_file_in_a_bucket(
+    cluster, tmp_path, tiny_dir, fill50k_dir, bucket
+):
+    """Model, inputs and outputs in the bucket: the nodes share nothing else (MLflow stays with
+    the driver)."""
+    model = upload(tiny_dir / "controlnet", f"{bucket}/models/tiny-controlnet")
+    spec = {"task": "controlnet", "base_model": model, "controlnets": [f"{model}/controlnet"], "scheduler": "unipc"}
+    extra = {"model": spec, "source": {"path": upload(fill50k_dir, f"{bucket}/fill50k")}}
+    config = generation_config(tiny_dir, fill50k_dir, tmp_path, **extra)
+    config["sink"]["output_dir"] = f"{bucket}/out"
+    result = pixfleet(
+        cluster,
+        "submit",
+        "generate",
+        str(write(tmp_path / "job.yaml", config)),
+        "--address",
+        cluster.address,
+        "--wait",
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     job_id = result.stdout.split("submitted generate job ")[1].split()[0]
     assert f"job {job_id} SUCCEEDED" in result.stdout
 
-    assert len(list((tmp_path / "out" / "images").glob("*.png"))) == 16
+    assert len((Location.of(bucket) / "out" / "images").files((".png",))) == 16
+    assert (Location.of(bucket) / "out" / "manifest.parquet").is_file() and not (tmp_path / "out").exists()
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     runs = mlflow.search_runs(experiment_names=["cluster"])
     assert runs["status"].tolist() == ["FINISHED"] and runs["metrics.images_ok"].tolist() == [16]
@@ -91,9 +109,12 @@ def test_a_broken_config_fails_the_job_with_the_error_in_its_logs(cluster, tmp_p
     assert "error: " in logs.stdout and "Traceback" not in logs.stdout
 
 
-def test_two_training_workers_span_both_nodes_starting_from_the_registry(cluster, tmp_path, tiny_dir, fill50k_dir):
+def test_two_training_workers_span_both_nodes_starting_from_the_registry(
+    cluster, tmp_path, tiny_dir, fill50k_dir, bucket
+):
     """Workers of 0.6 CPU on 1-CPU nodes: one per node, gloo across them; each resolves the
-    registry's ControlNet itself (the job gets only its URI)."""
+    registry's ControlNet itself (the job gets only its URI) and reads its rows from the bucket,
+    where the checkpoints and the trained ControlNet go too."""
     tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
     register_controlnet(tiny_dir / "controlnet" / "controlnet", "cluster-seed", tracking_uri, tmp_path / "artifacts")
     config = {
@@ -101,8 +122,8 @@ def test_two_training_workers_span_both_nodes_starting_from_the_registry(cluster
         "train": {
             "pretrained_model_name_or_path": str(tiny_dir / "controlnet"),
             "controlnet_model_name_or_path": "models:/cluster-seed@champion",
-            "train_data_dir": str(fill50k_dir),
-            "output_dir": str(tmp_path / "controlnet"),
+            "train_data_dir": upload(fill50k_dir, f"{bucket}/fill50k"),
+            "output_dir": f"{bucket}/controlnet",
             "resolution": 32,
             "train_batch_size": 2,
             "max_train_steps": 4,
@@ -112,7 +133,7 @@ def test_two_training_workers_span_both_nodes_starting_from_the_registry(cluster
             "strategy": "ddp",
             "num_workers": 2,
             "cpus_per_worker": 0.6,
-            "storage_path": str(tmp_path / "ray_train"),
+            "storage_path": f"{bucket}/ray_train",
         },
         "tracking": {"tracking_uri": tracking_uri, "experiment": "cluster"},
     }
@@ -120,7 +141,8 @@ def test_two_training_workers_span_both_nodes_starting_from_the_registry(cluster
         cluster, "submit", "train", str(write(tmp_path / "train.yaml", config)), "--address", cluster.address, "--wait"
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert (tmp_path / "controlnet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (Location.of(bucket) / "controlnet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (Location.of(bucket) / "ray_train" / "cluster-train").is_dir()
     assert len(cluster.nodes_of("RayTrainWorker")) == 2
 
 

@@ -8,7 +8,8 @@ import pytest
 from pydantic import ValidationError
 
 from pixfleet.config.training import TrainingJobConfig
-from pixfleet.data.tables import load_dataset_table, read_image_table
+from pixfleet.data.tables import RowLocator, load_dataset_table, plan_table
+from pixfleet.storage import Location
 
 COLUMNS = {"image_column": "image", "conditioning_image_column": "conditioning_image", "caption_column": "text"}
 IMAGES = {"image", "conditioning_image"}
@@ -72,25 +73,26 @@ def test_a_folder_of_parquet_files_reads_as_load_dataset_reads_it(fill50k_dir, t
     hub_layout.mkdir(parents=True)
     table.iloc[:10].to_parquet(hub_layout / "train-00000-of-00002.parquet")
     table.iloc[10:].to_parquet(hub_layout / "train-00001-of-00002.parquet")
-    loaded = read_image_table(tmp_path / "hub", COLUMNS, IMAGES, None, field="train.train_data_dir")
-    assert len(loaded.table) == len(table) and loaded.refs[10] == "train-00001-of-00002.parquet:1"
-    assert loaded.table["image"][12] == table["image"][12] and list(loaded.table["text"]) == list(table["text"])
+    plan = plan_table(Location.of(tmp_path / "hub"), COLUMNS, IMAGES, field="train.train_data_dir")
+    assert plan.num_rows == len(table)  # from the parquet footers
+    loaded = RowLocator(plan).rows(range(len(table)))
+    assert loaded["source_ref"][10] == "train-00001-of-00002.parquet:1"
+    assert loaded["image"][12] == table["image"][12] and list(loaded["text"]) == list(table["text"])
 
     flat = tmp_path / "flat"
     flat.mkdir()
     table.to_parquet(flat / "part.parquet")
-    assert len(read_image_table(flat, COLUMNS, IMAGES, 5, field="train.train_data_dir").table) == 5
+    assert plan_table(Location.of(flat), COLUMNS, IMAGES, field="train.train_data_dir").num_rows == len(table)
 
 
 def test_dataset_name_goes_through_load_dataset(fill50k_dir, tmp_path):
-    loaded = load_dataset_table(
-        str(fill50k_dir), None, str(tmp_path / "cache"), COLUMNS, IMAGES, 4, field="train.dataset_name"
-    )
-    assert len(loaded.table) == 4
-    first = loaded.table["image"][0]
+    plan = load_dataset_table(str(fill50k_dir), None, str(tmp_path / "cache"), COLUMNS, IMAGES, "train.dataset_name")
+    loaded = RowLocator(plan).rows(range(4))
+    first = loaded["image"][0]
     assert (
-        isinstance(first, bytes | str)
-        and loaded.table["text"][0] == pd.read_json(fill50k_dir / "metadata.jsonl", lines=True)["text"][0]
+        plan.num_rows == len(pd.read_json(fill50k_dir / "metadata.jsonl", lines=True))
+        and isinstance(first, bytes | str)
+        and loaded["text"][0] == pd.read_json(fill50k_dir / "metadata.jsonl", lines=True)["text"][0]
     )
     with pytest.raises(Exception, match=r"train\.dataset_name .*: load_dataset failed"):
-        load_dataset_table(str(tmp_path / "missing"), None, None, COLUMNS, IMAGES, None, field="train.dataset_name")
+        load_dataset_table(str(tmp_path / "missing"), None, None, COLUMNS, IMAGES, "train.dataset_name")

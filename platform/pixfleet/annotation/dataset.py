@@ -1,132 +1,187 @@
-"""The training set on disk, written by the driver only: each kept row once, resumably.
+"""The training set under `output_dir`, on local disk or in a bucket: each kept row once, resumably.
 
-Layout under `output_dir` (the imagefolder that `pixfleet train` and `datasets` read):
+Layout (the imagefolder `pixfleet train` and `datasets` read):
   images/<row_id>.png, conditioning_images/<row_id>.png   written by the write stage
-  metadata.jsonl       file_name, conditioning_image_file_name, text: one line per kept row
-  manifest.jsonl       every row this folder has seen: status (ok, filtered, failed), reason,
-                       source, size, perceptual hash, map coverage
-  annotate.json        the settings that decide a row's outputs; a rerun must match them
-A row is appended to metadata.jsonl after its files are written, then to manifest.jsonl; a
-rerun skips rows recorded ok or filtered (failed ones are tried again), so a killed run
-resumes where it stopped and no row is listed twice. A line cut short by a kill is dropped.
+  records/part-<n>.jsonl   one per block, written whole by the record stage after the block's
+                           files: every row's record
+  manifest.jsonl           every row this folder has seen: status (ok, filtered, failed), reason,
+                           source, size, perceptual hash, map coverage, caption
+  metadata.jsonl           file_name, conditioning_image_file_name, text: one line per kept row
+  annotate.json            the settings that decide a row's outputs; a rerun must match them
+
+A part is one write, so a block's rows are recorded all or none. At the end of a run a Ray task
+rewrites manifest.jsonl and metadata.jsonl from the records (streamed through local files) and
+removes the parts they now hold; a killed run leaves its parts for the next run to read. A rerun
+skips rows recorded ok or filtered (failed ones are tried again). The record stage is a single
+actor: the one writer of records, and where near-duplicates are found (`dedupe.HashIndex`).
 """
 
 from __future__ import annotations
 
 import json
-import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
-from pixfleet.annotation.stages import COVERAGE, FILTERED, IMAGES_DIR, MAPS_DIR, PHASH, TEXT
 from pixfleet.engine import columns as C
 from pixfleet.errors import UserError
+from pixfleet.generation.sink import FinishedRows, row_digests
+from pixfleet.storage import Location
 
+TEXT = "text"  # the caption: from the source, the captioner or the template
+PHASH = "phash"  # 64-bit perceptual hash of the photo, 16 hex digits
+COVERAGE = "map_coverage"  # fraction of the map's pixels that differ from its most common value
+FILTERED = "filtered"  # kept out of the training set by a filter; the reason is in `error`
+IMAGES_DIR, MAPS_DIR = "images", "conditioning_images"
 MANIFEST_FIELDS = (C.ROW_ID, C.STATUS, C.ERROR, C.SOURCE_REF, TEXT, C.WIDTH, C.HEIGHT, PHASH, COVERAGE)
+MANIFEST, METADATA, SETTINGS, RECORDS_DIR = "manifest.jsonl", "metadata.jsonl", "annotate.json", "records"
+SAMPLE_ROWS = 8  # kept rows the merge reports for the run's sample grid
 
 
 class SettingsChanged(UserError, ValueError):
     """The output folder holds rows annotated with other settings."""
 
 
-class JsonLines:
-    """An append-only JSON-lines file, synced after each batch of lines."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def read(self) -> list[dict[str, Any]]:
-        """The complete lines; a last line cut short by a kill is removed from the file."""
-        if not self.path.exists():
-            return []
-        data = self.path.read_bytes()
-        complete = data[: data.rfind(b"\n") + 1]
-        if len(complete) < len(data):
-            with open(self.path, "r+b") as f:
-                f.truncate(len(complete))
-        return [json.loads(line) for line in complete.decode().splitlines() if line.strip()]
-
-    def append(self, records: list[dict[str, Any]]) -> None:
-        if not records:
-            return
-        with open(self.path, "a") as f:
-            f.write("".join(json.dumps(record) + "\n" for record in records))
-            f.flush()
-            os.fsync(f.fileno())
-
-
-class TrainingSetWriter:
-    """Keeps what the folder already holds (kept ids and hashes) and records new batches."""
-
-    def __init__(self, output_dir: str | Path, settings: dict, near_duplicate_distance: int | None):
-        self.root = Path(output_dir)
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._check_settings(settings)
-        self.metadata = JsonLines(self.root / "metadata.jsonl")
-        self.manifest = JsonLines(self.root / "manifest.jsonl")
-        self.distance = near_duplicate_distance
-        listed = {Path(line["file_name"]).stem for line in self.metadata.read()}
-        seen = self.manifest.read()
-        self.kept: dict[str, str] = {}  # row id -> source ref, of rows in metadata.jsonl
-        hashes = []
-        for record in seen:
-            if record[C.ROW_ID] in listed and record[C.ROW_ID] not in self.kept:
-                self.kept[record[C.ROW_ID]] = record[C.SOURCE_REF]
-                hashes.append(int(record[PHASH], 16))
-        self.listed = listed  # may hold a row the manifest missed (killed between the two appends)
-        self.hashes = np.array(hashes, dtype=np.uint64)
-        self.finished = frozenset(listed | {r[C.ROW_ID] for r in seen if r[C.STATUS] in (C.OK, FILTERED)})
-
-    def _check_settings(self, settings: dict) -> None:
-        path = self.root / "annotate.json"
-        if path.exists() and json.loads(path.read_text()) != settings:
-            raise SettingsChanged(
-                f"output_dir {self.root} holds rows annotated with other detector, resolution, caption or "
-                "filter settings; use another output_dir (or delete this one)"
-            )
-        path.write_text(json.dumps(settings, indent=2, sort_keys=True))
-
-    def record(self, batch: pd.DataFrame) -> pd.DataFrame:
-        """Drop near-duplicates of kept rows, list the kept ones, log every row; the batch's
-        rows with their final status."""
-        rows = []
-        for row in batch.to_dict("records"):
-            if row[C.STATUS] == C.OK:
-                row = self._deduplicated(row)
-            rows.append(row)
-        kept = [row for row in rows if row[C.STATUS] == C.OK and row[C.ROW_ID] not in self.listed]
-        self.metadata.append(
-            [
-                {
-                    "file_name": f"{IMAGES_DIR}/{row[C.ROW_ID]}.png",
-                    "conditioning_image_file_name": f"{MAPS_DIR}/{row[C.ROW_ID]}.png",
-                    "text": row[TEXT],
-                }
-                for row in kept
-            ]
+def check_settings(root: Location, settings: dict) -> None:
+    """Record `settings` in a new folder; refuse a folder annotated with others."""
+    path = root / SETTINGS
+    if path.exists() and json.loads(path.read_text()) != settings:
+        raise SettingsChanged(
+            f"output_dir {root} holds rows annotated with other detector, resolution, caption or "
+            "filter settings; use another output_dir (or delete this one)"
         )
-        self.listed |= {row[C.ROW_ID] for row in kept}
-        self.manifest.append([{k: row[k] for k in MANIFEST_FIELDS} for row in rows if row[C.STATUS] != C.SKIPPED])
-        return pd.DataFrame(rows)
+    path.write_text(json.dumps(settings, indent=2, sort_keys=True))
 
-    def _deduplicated(self, row: dict[str, Any]) -> dict[str, Any]:
-        """`row` kept, or filtered as the duplicate of a kept row: an identical file (it shares
-        that row's id and files) or a near-duplicate (its own files are removed)."""
-        row_id, phash = row[C.ROW_ID], np.uint64(int(row[PHASH], 16))
-        if row_id in self.kept:
-            return {**row, C.STATUS: FILTERED, C.ERROR: f"duplicate of {self.kept[row_id]} (identical file)"}
-        if self.distance is not None and len(self.hashes):
-            distances = np.bitwise_count(self.hashes ^ phash)
-            nearest = int(distances.argmin())
-            if distances[nearest] <= self.distance:
+
+def metadata_line(record: dict[str, Any]) -> dict[str, str]:
+    """A kept row's line of metadata.jsonl."""
+    row_id = record[C.ROW_ID]
+    return {
+        "file_name": f"{IMAGES_DIR}/{row_id}.png",
+        "conditioning_image_file_name": f"{MAPS_DIR}/{row_id}.png",
+        "text": record[TEXT],
+    }
+
+
+def record_parts(root: Location) -> list[Location]:
+    return (root / RECORDS_DIR).files((".jsonl",), recursive=False)
+
+
+def iter_records(root: Location) -> Iterator[dict[str, Any]]:
+    """Every record in the order rows were recorded: manifest.jsonl, then the parts."""
+    manifest = root / MANIFEST
+    for file in ([manifest] if manifest.is_file() else []) + record_parts(root):
+        for line in file.read_text().splitlines():
+            if line.strip():
+                yield json.loads(line)
+
+
+def finished_digests(root: Location) -> np.ndarray:
+    """Rows a rerun skips (recorded ok or filtered), as `FinishedRows` digests."""
+    done = {r[C.ROW_ID] for r in iter_records(root) if r[C.STATUS] in (C.OK, FILTERED)}
+    return FinishedRows.of(done).digests
+
+
+class Records:
+    """The record stage's state: the kept rows' hashes (searchable), ids and sources; and the
+    next part's number. Loaded from what the folder holds, so a restarted actor or a rerun goes
+    on where the last one stopped."""
+
+    def __init__(self, root: Location, near_duplicate_distance: int | None):
+        from pixfleet.annotation.dedupe import HashIndex
+
+        self.root = root
+        self.identical_only = near_duplicate_distance is None
+        self.index = HashIndex(near_duplicate_distance or 0)
+        self.kept_digests = np.zeros(0, dtype="S12")
+        self.kept_sources: list[str] = []
+        parts = record_parts(root)
+        self.next_part = 1 + max((int(p.stem.removeprefix("part-")) for p in parts), default=-1)
+        kept = [r for r in iter_records(root) if r[C.STATUS] == C.OK]
+        self._keep(kept, np.array([int(r[PHASH], 16) for r in kept], dtype=np.uint64))
+
+    def record(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Drop near-duplicates of kept rows (and identical files), record every row in a new
+        part; the rows with their final status."""
+        candidates = [i for i, row in enumerate(rows) if row[C.STATUS] == C.OK]
+        hashes = np.array([int(rows[i][PHASH], 16) for i in candidates], dtype=np.uint64)
+        first = len(self.kept_sources)
+        positions, apart = self.index.keep_new(hashes)
+        digests = row_digests([rows[i][C.ROW_ID] for i in candidates])
+        self._grow(positions.max(initial=first - 1) + 1)
+        for i, position, bits, digest in zip(candidates, positions, apart, digests, strict=True):
+            row = rows[i]
+            if bits < 0:  # kept
+                self.kept_digests[position] = digest
+                self.kept_sources[position] = row[C.SOURCE_REF]
+            elif self.kept_digests[position] == digest:  # the same file: it shares that row's files
+                reason = f"duplicate of {self.kept_sources[position]} (identical file)"
+                rows[i] = {**row, C.STATUS: FILTERED, C.ERROR: reason}
+            elif self.identical_only:  # as alike as hashes go, but another file: kept too
+                self._keep([row], np.array([int(row[PHASH], 16)], dtype=np.uint64))
+            else:
                 for folder in (IMAGES_DIR, MAPS_DIR):
-                    (self.root / folder / f"{row_id}.png").unlink(missing_ok=True)
-                original = list(self.kept.values())[nearest]
-                reason = f"near-duplicate of {original} ({int(distances[nearest])} bits apart)"
-                return {**row, C.STATUS: FILTERED, C.ERROR: reason}
-        self.kept[row_id] = row[C.SOURCE_REF]
-        self.hashes = np.append(self.hashes, phash)
-        return row
+                    (self.root / folder / f"{row[C.ROW_ID]}.png").delete()
+                reason = f"near-duplicate of {self.kept_sources[position]} ({int(bits)} bits apart)"
+                rows[i] = {**row, C.STATUS: FILTERED, C.ERROR: reason}
+        written = [{k: row[k] for k in MANIFEST_FIELDS} for row in rows if row[C.STATUS] != C.SKIPPED]
+        if written:
+            part = self.root / RECORDS_DIR / f"part-{self.next_part:08d}.jsonl"
+            part.write_text("".join(json.dumps(record) + "\n" for record in written))
+            self.next_part += 1
+        return rows
+
+    def _keep(self, records: list[dict[str, Any]], hashes: np.ndarray) -> None:
+        """Add rows as kept, whatever their hashes' neighbours (they were kept before)."""
+        first = len(self.kept_sources)
+        self.index.add(hashes)
+        self._grow(first + len(records))
+        self.kept_digests[first:] = row_digests([r[C.ROW_ID] for r in records])
+        self.kept_sources[first:] = [r[C.SOURCE_REF] for r in records]
+
+    def _grow(self, size: int) -> None:
+        if size > len(self.kept_sources):
+            extra = size - len(self.kept_sources)
+            self.kept_digests = np.concatenate([self.kept_digests, np.zeros(extra, dtype="S12")])
+            self.kept_sources += [""] * extra
+
+
+@dataclass
+class MergeResult:
+    """What the merge wrote: rows in the manifest, kept rows, sample images."""
+
+    rows: int = 0
+    kept: int = 0
+    parts_merged: int = 0
+    samples: list[tuple[str, str]] = field(default_factory=list)  # (image, control map) URIs
+
+
+def merge_records(root: Location) -> MergeResult:
+    """manifest.jsonl and metadata.jsonl rewritten from every record, then the merged parts
+    removed: streamed, one file's records at a time."""
+    result = MergeResult()
+    parts = record_parts(root)
+    with tempfile.TemporaryDirectory(prefix="pixfleet-annotate-") as scratch:
+        manifest, metadata = Path(scratch) / MANIFEST, Path(scratch) / METADATA
+        with manifest.open("w") as all_rows, metadata.open("w") as kept_rows:
+            for record in iter_records(root):
+                all_rows.write(json.dumps(record) + "\n")
+                result.rows += 1
+                if record[C.STATUS] == C.OK:
+                    line = metadata_line(record)
+                    kept_rows.write(json.dumps(line) + "\n")
+                    result.kept += 1
+                    if len(result.samples) < SAMPLE_ROWS:
+                        result.samples.append(
+                            ((root / line["file_name"]).uri, (root / line["conditioning_image_file_name"]).uri)
+                        )
+        (root / MANIFEST).put_file(manifest)
+        (root / METADATA).put_file(metadata)
+    for part in parts:
+        part.delete()
+        result.parts_merged += 1
+    return result

@@ -1,20 +1,32 @@
 """Run an annotate job: photos -> control maps and captions -> a training set, tracked in MLflow.
 
-source -> prepare -> detect -> check -> [caption] -> write -> driver (dedupe, metadata.jsonl)
+source -> prepare -> detect -> check -> [caption] -> write -> record (dedupe, records) -> driver (counts)
+
+The driver holds counts: the resume index and the merge of the records into manifest.jsonl and
+metadata.jsonl are Ray tasks, the records themselves the record stage's.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Container
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pandas as pd
 import ray.data
 
-from pixfleet.annotation.dataset import TrainingSetWriter
-from pixfleet.annotation.stages import FILTERED, MAP, CaptionStage, CheckMapStage, PrepareStage, WriteStage
-from pixfleet.cluster import ensure_ray, quiet_ray_data
+from pixfleet.annotation.dataset import (
+    FILTERED,
+    MANIFEST,
+    METADATA,
+    SETTINGS,
+    MergeResult,
+    check_settings,
+    finished_digests,
+    merge_records,
+)
+from pixfleet.annotation.stages import MAP, CaptionStage, CheckMapStage, PrepareStage, RecordStage, WriteStage
+from pixfleet.cluster import ensure_ray, quiet_ray_data, run_beside
 from pixfleet.config import ConfigError
 from pixfleet.config.annotation import AnnotateJobConfig
 from pixfleet.config.generation import ResourcesConfig
@@ -22,12 +34,14 @@ from pixfleet.engine import columns as C
 from pixfleet.generation.job import failure_lines, sample_grid, stop_past_failure_budget
 from pixfleet.generation.plan import SOURCE_COLUMNS, check_chain
 from pixfleet.generation.progress import Counts, ProgressLine
+from pixfleet.generation.sink import FinishedRows
 from pixfleet.generation.sources import Source, open_image_source
 from pixfleet.generation.stages import PlannedStage
 from pixfleet.generation.stages.detect_stage import DetectStage
+from pixfleet.storage import Location, check_readable, check_writable
 from pixfleet.tracking import mlflow_run
 
-TASK_CPUS = 0.5  # what the read, prepare, check and write tasks need free beside the actors
+TASK_CPUS = 0.5  # what the tasks (read, prepare, check, write) and the record actor need free beside the pools
 
 
 @dataclass
@@ -53,13 +67,13 @@ class AnnotateSummary(Counts):
             f"rows failed        {self.rows_failed}",
             f"rows skipped       {self.rows_skipped} (recorded by an earlier run)",
             f"throughput         {self.rows_per_second:.2f} rows/s over {self.seconds:.1f} s",
-            f"training set       {self.output_dir} (metadata.jsonl; every row in manifest.jsonl)",
+            f"training set       {self.output_dir} ({METADATA}; every row in {MANIFEST})",
             f"mlflow run         {self.mlflow_run_id or '-'}",
         ]
-        return "\n".join(lines + failure_lines(self.failures, "manifest.jsonl"))
+        return "\n".join(lines + failure_lines(self.failures, MANIFEST))
 
 
-def plan_stages(job: AnnotateJobConfig, finished_row_ids: frozenset[str]) -> list[PlannedStage]:
+def plan_stages(job: AnnotateJobConfig, finished_row_ids: Container[str]) -> list[PlannedStage]:
     resources = job.resources
     detect_resources = ResourcesConfig(
         batch_size=resources.batch_size,
@@ -73,10 +87,11 @@ def plan_stages(job: AnnotateJobConfig, finished_row_ids: frozenset[str]) -> lis
         CheckMapStage.plan(job.filters.min_map_coverage),
         *([CaptionStage.plan(job)] if job.caption.model else []),
         WriteStage.plan(job.output_dir),
+        RecordStage.plan(job),
     ]
 
 
-def build_plan(job: AnnotateJobConfig, source: Source, finished_row_ids: frozenset[str]) -> ray.data.Dataset:
+def build_plan(job: AnnotateJobConfig, source: Source, finished_row_ids: Container[str]) -> ray.data.Dataset:
     stages = plan_stages(job, finished_row_ids)
     check_chain(stages, (*SOURCE_COLUMNS, C.SOURCE_IMAGE))
     dataset = source.dataset
@@ -87,28 +102,41 @@ def build_plan(job: AnnotateJobConfig, source: Source, finished_row_ids: frozens
 
 def run_annotation(job: AnnotateJobConfig, address: str | None = None, ray_progress: bool = False) -> AnnotateSummary:
     """Run `job` to completion (or to its failure budget) and return its summary."""
-    writer = TrainingSetWriter(job.output_dir, job.fingerprint(), job.filters.near_duplicate_distance)
+    # 1. Check before any work: the photos are there, the folder can be written and holds rows
+    # annotated with these settings (or none), the actor pools leave room for the tasks.
+    check_readable(job.source.path, "source.path")
+    root = check_writable(job.output_dir, "output_dir")
+    job = job.model_copy(update={"output_dir": root.uri})  # absolute: tasks run elsewhere
+    check_settings(root, job.fingerprint())
     ensure_ray(address)
     _check_resources(job)
     quiet_ray_data(ray_progress)
     source = open_image_source(job.source.as_source(), job.resources.rows_per_block)
-    summary = AnnotateSummary(rows_in=source.num_rows, output_dir=str(Path(job.output_dir).resolve()))
+
+    # 2. Resume: rows recorded ok or filtered are skipped (the index is a task's; this process
+    # holds its reference).
+    finished = FinishedRows(run_beside(finished_digests, root))
+    summary = AnnotateSummary(rows_in=source.num_rows, output_dir=root.uri)
     with mlflow_run(job.tracking, job.name, job.model_dump(mode="json")) as mlflow:
         if mlflow:
             summary.mlflow_run_id = mlflow.active_run().info.run_id
             mlflow.log_params({"source.rows": source.num_rows})
         progress = ProgressLine(mlflow=mlflow)
         start = time.perf_counter()
+        merged = MergeResult()
         try:
-            for batch in build_plan(job, source, writer.finished).iter_batches(batch_format="pandas", batch_size=None):
-                _count(summary, writer.record(batch))
+            for batch in build_plan(job, source, finished).iter_batches(batch_format="pandas", batch_size=None):
+                _count(summary, batch)
                 progress.update(summary)
                 stop_past_failure_budget(summary, summary.failures, job.max_failed_fraction)
+            summary.rows_in = summary.rows_done
+            stop_past_failure_budget(summary, summary.failures, job.max_failed_fraction, final=True)
         finally:
             summary.seconds = time.perf_counter() - start
             progress.close(summary)
+            merged = ray.get(run_beside(merge_records, root))
             if mlflow:
-                _log_run(mlflow, summary)
+                _log_run(mlflow, summary, merged, root)
     return summary
 
 
@@ -156,24 +184,24 @@ def _filter_kind(reason: str) -> str:
     return "other"
 
 
-def _log_run(mlflow, summary: AnnotateSummary) -> None:
+def _log_run(mlflow, summary: AnnotateSummary, merged: MergeResult, root: Location) -> None:
     mlflow.log_metrics(
         {
-            "rows_in": summary.rows_in,
+            "rows_in": summary.rows_in or 0,
             "rows_kept": summary.rows_ok,
             "rows_filtered": summary.rows_filtered,
             "rows_failed": summary.rows_failed,
             "rows_skipped": summary.rows_skipped,
             "rows_per_second": summary.rows_per_second,
             "duration_s": summary.seconds,
+            "kept_in_set": merged.kept,
             **{f"filtered/{kind.replace(' ', '_')}": n for kind, n in summary.filtered_by.items()},
         }
     )
-    root = Path(summary.output_dir)
-    for name in ("manifest.jsonl", "metadata.jsonl", "annotate.json"):
-        if (root / name).exists():
-            mlflow.log_artifact(str(root / name))
-    images = sorted((root / "images").glob("*.png"))[:8]
-    if images:
-        pairs = [str(path) for image in images for path in (image, root / "conditioning_images" / image.name)]
+    mlflow.set_tag("training_set", root.uri)
+    for name in (MANIFEST, METADATA, SETTINGS):
+        if root.is_local and (root / name).is_file():  # a bucket's files stay there, named by the tag
+            mlflow.log_artifact((root / name).path)
+    if merged.samples:
+        pairs = [uri for pair in merged.samples for uri in pair]
         mlflow.log_image(sample_grid(pairs, columns=4), "samples.png")

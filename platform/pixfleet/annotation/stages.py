@@ -6,9 +6,11 @@
     check     map coverage filter                           (CPU tasks)
     caption   captions the source lacks                     (actor pool, when caption.model is set)
     write     images/<id>.png, conditioning_images/<id>.png (CPU tasks)
+    record    near-duplicates dropped, every row's record   (one actor: the folder's one writer)
 
 Rows the filters keep out get status 'filtered' with the reason and carry no images further;
-the driver drops near-duplicates and appends the kept rows to metadata.jsonl (`dataset.py`).
+the record stage finds near-duplicates among the kept rows and records every row in a part
+(`dataset.py`); the driver gets each row's status, and counts.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from pathlib import Path
+from collections.abc import Container
+from pathlib import PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -24,18 +27,14 @@ import pandas as pd
 import ray.data
 from PIL import Image
 
+from pixfleet.annotation.dataset import COVERAGE, FILTERED, IMAGES_DIR, MAPS_DIR, PHASH, TEXT, Records
 from pixfleet.config.annotation import AnnotateJobConfig, CaptionConfig
 from pixfleet.engine import columns as C
 from pixfleet.engine.images import RowError, decode_image, empty_image, one_line
-from pixfleet.generation.sink import atomic_write
 from pixfleet.generation.stages import LIGHT_CPU, PlannedStage
+from pixfleet.storage import Location
 
-TEXT = "text"  # the caption: from the source, the captioner or the template
-PHASH = "phash"  # 64-bit perceptual hash of the photo, 16 hex digits
-COVERAGE = "map_coverage"  # fraction of the map's pixels that differ from its most common value
-FILTERED = "filtered"  # kept out of the training set by a filter; the reason is in `error`
 MAP = C.control_column(0)  # the detect stage's input (the photo) and output (its map)
-IMAGES_DIR, MAPS_DIR = "images", "conditioning_images"
 
 
 def content_id(data: bytes) -> str:
@@ -72,13 +71,13 @@ class PrepareStage:
     """Decode, size filters, resize to the training resolution, hash; the caption from the
     source or the template. Run as tasks."""
 
-    def __init__(self, job: AnnotateJobConfig, finished_row_ids: frozenset[str]):
+    def __init__(self, job: AnnotateJobConfig, finished_row_ids: Container[str]):
         self.job = job
         self.finished_row_ids = finished_row_ids
         self.needs = (C.SOURCE_REF, C.ROW_PARAMS, C.LOAD_ERRORS, C.INPUT_FILES, C.SOURCE_IMAGE)
 
     @classmethod
-    def plan(cls, job: AnnotateJobConfig, finished_row_ids: frozenset[str]) -> PlannedStage:
+    def plan(cls, job: AnnotateJobConfig, finished_row_ids: Container[str]) -> PlannedStage:
         stage = cls(job, finished_row_ids)
         adds = (C.ROW_ID, C.STATUS, C.ERROR, TEXT, PHASH, C.WIDTH, C.HEIGHT, MAP)
         return PlannedStage(stage, stage.needs, adds, {"num_cpus": LIGHT_CPU})
@@ -103,8 +102,11 @@ class PrepareStage:
         if out[C.ROW_ID] in self.finished_row_ids:
             return _without_images({**out, C.STATUS: C.SKIPPED})
         try:
+            load_errors = json.loads(row[C.LOAD_ERRORS])
+            if C.UNREADABLE_ROW in load_errors:
+                raise RowError(load_errors[C.UNREADABLE_ROW])
             if data is None:
-                raise RowError(f"image: {json.loads(row[C.LOAD_ERRORS]).get(C.SOURCE_IMAGE, 'missing')}")
+                raise RowError(f"image: {load_errors.get(C.SOURCE_IMAGE, 'missing')}")
             image = decode_image(data, "image", self.job.max_image_pixels)
         except RowError as error:
             return _without_images({**out, C.STATUS: C.FAILED, C.ERROR: str(error)})
@@ -122,7 +124,7 @@ class PrepareStage:
         text = "" if caption.overwrite or own is None else str(own).strip()
         if not text and caption.template is not None:
             files = json.loads(row[C.INPUT_FILES])
-            path = Path(files[0] if files and files[0] else row[C.SOURCE_REF])
+            path = PurePosixPath(files[0] if files and files[0] else row[C.SOURCE_REF])
             text = caption.template.format(stem=path.stem, parent=path.parent.name)
         return text
 
@@ -229,7 +231,7 @@ class WriteStage:
     arrays stay here, the driver gets the rows' records."""
 
     def __init__(self, output_dir: str):
-        self.root = Path(output_dir)
+        self.root = Location.of(output_dir)
         self.needs = (C.ROW_ID, C.STATUS, C.ERROR, TEXT, C.SOURCE_IMAGE, MAP)
 
     @classmethod
@@ -253,4 +255,30 @@ class WriteStage:
         for folder, array in ((IMAGES_DIR, image), (MAPS_DIR, control_map)):
             buffer = io.BytesIO()
             Image.fromarray(array).save(buffer, format="PNG")
-            atomic_write(self.root / folder / f"{row_id}.png", buffer.getvalue())
+            (self.root / folder / f"{row_id}.png").write_bytes(buffer.getvalue())
+
+
+class RecordStage:
+    """The folder's one writer of records (an actor pool of one, so rows are compared with every
+    row kept before them): near-duplicates dropped, each block's rows recorded in a part
+    (`dataset.Records`). The driver gets each row's status and reason."""
+
+    needs = (C.ROW_ID, C.STATUS, C.ERROR, C.SOURCE_REF, TEXT, C.WIDTH, C.HEIGHT, PHASH, COVERAGE)
+    returns = (C.ROW_ID, C.STATUS, C.ERROR, C.SOURCE_REF)
+
+    def __init__(self, output_dir: str, near_duplicate_distance: int | None):
+        self.records = Records(Location.of(output_dir), near_duplicate_distance)
+
+    @classmethod
+    def plan(cls, job: AnnotateJobConfig) -> PlannedStage:
+        options = {
+            "fn_constructor_args": (job.output_dir, job.filters.near_duplicate_distance),
+            "num_cpus": LIGHT_CPU,
+            "compute": ray.data.ActorPoolStrategy(size=1),
+        }
+        return PlannedStage(cls, cls.needs, (), options)
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        C.require_columns(batch, self.needs, "record stage")
+        rows = self.records.record(batch.to_dict("records"))
+        return pd.DataFrame(rows, columns=list(batch.columns))[list(self.returns)]

@@ -84,9 +84,10 @@ class FilterConfig(StrictModel):
     near_duplicate_distance: int | None = Field(
         None,
         ge=0,
-        le=32,
+        le=12,
         description="Drop an image whose perceptual hash (64-bit DCT hash) lies within this many bits of an "
-        "image kept before it (0: only visually identical ones; 4-8 also catches re-encoded, resized copies); "
+        "image kept before it (0: only visually identical ones; 4-8 also catches re-encoded, resized copies; "
+        "at most 12, past which the hash index would probe tens of thousands of values per row); "
         "unset keeps near-duplicates. Identical files are always dropped.",
     )
     min_map_coverage: float = Field(
@@ -139,7 +140,9 @@ class AnnotateJobConfig(StrictModel):
     )
     caption: CaptionConfig = Field(default_factory=CaptionConfig)
     filters: FilterConfig = Field(default_factory=FilterConfig)
-    output_dir: str = Field("outputs/annotate", description="The training set's folder (resumed if it exists).")
+    output_dir: str = Field(
+        "outputs/annotate", description="The training set's folder or bucket prefix (resumed if it exists)."
+    )
     resources: AnnotateResourcesConfig = Field(default_factory=AnnotateResourcesConfig)
     max_failed_fraction: float = Field(
         0.1, ge=0, le=1, description="Stop when more than this fraction of rows failed (filtered rows do not count)."

@@ -38,7 +38,9 @@ class SourceConfig(StrictModel):
     format: Literal["auto", "folder", "manifest", "hf_dataset", "webdataset"] = Field(
         "auto", description="How to read `path`; 'auto' infers it from what is there."
     )
-    path: ExistingPath = Field(description="Folder, manifest file (.jsonl/.csv/.parquet) or shard folder.")
+    path: ExistingPath = Field(
+        description="Folder, manifest file (.jsonl/.csv/.parquet) or shard folder; local or s3://, gs://, abfs://."
+    )
     id_column: str | None = Field(None, description="Column with stable row ids; hashed if unset.")
     prompt_column: str = Field("text", description="Column with the prompt (or instruction).")
     control_columns: list[str] = Field(
@@ -182,7 +184,9 @@ def check_guidance_window(start: list[float], end: list[float]) -> None:
 class SinkConfig(StrictModel):
     """Where images and the manifest go."""
 
-    output_dir: str = Field("outputs/generate", description="Folder for images and manifest.")
+    output_dir: str = Field(
+        "outputs/generate", description="Folder (or s3://, gs://, abfs:// prefix) for images and manifest."
+    )
     image_format: Literal["png", "jpeg", "webp"] = Field("png", description="Encoded format.")
     quality: int = Field(95, ge=1, le=100, description="JPEG/WebP quality.")
     save_control_maps: bool = Field(

@@ -1,4 +1,5 @@
-"""Tell local paths from hub ids, and check that local ones exist."""
+"""Tell local paths from hub ids and URIs (MLflow models, object storage), and check that local
+ones exist; a URI is checked where it is read."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import re
 from typing import Annotated
 
 from pydantic import AfterValidator
+
+from pixfleet.storage import is_uri
 
 # `org/name` or `name`: what `from_pretrained` looks up on the hub when no such folder exists.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -22,7 +25,7 @@ def is_mlflow_uri(value: str) -> bool:
 
 def looks_local(value: str) -> bool:
     """True for a path meant as local: it exists, or it is written like a path, not a hub id or URI."""
-    if is_mlflow_uri(value):
+    if is_mlflow_uri(value) or is_uri(value):
         return False
     return os.path.exists(os.path.expanduser(value)) or not _HUB_ID.match(value)
 
@@ -35,12 +38,13 @@ def require_existing(value: str) -> str:
 
 
 ModelOrPath = Annotated[str, AfterValidator(require_existing)]
-"""A hub id, an MLflow model URI (`models:/NAME@ALIAS`), or a local path that must exist."""
+"""A hub id, an MLflow model URI (`models:/NAME@ALIAS`), a folder in object storage
+(`s3://bucket/models/sd15`), or a local path that must exist."""
 
 
 def require_local(value: str) -> str:
     """Return `value` if it is an existing local path or a remote URI (s3://...)."""
-    if "://" not in value and not os.path.exists(os.path.expanduser(value)):
+    if not is_uri(value) and not os.path.exists(os.path.expanduser(value)):
         raise ValueError(f"path does not exist: {value}")
     return value
 

@@ -30,7 +30,9 @@ class ControlNetTrainingArgs(StrictModel):
     )
     revision: str | None = Field(None, description="Hub revision of the base model.")
     variant: str | None = Field(None, description="Weights variant of the base model, e.g. 'fp16'.")
-    output_dir: str = Field("controlnet-model", description="Where the trained ControlNet is saved.")
+    output_dir: str = Field(
+        "controlnet-model", description="Where the trained ControlNet is saved: a folder or s3://, gs://, abfs://."
+    )
     seed: int | None = Field(None, description="Seed for reproducible training.")
     resolution: int = Field(
         512, ge=8, multiple_of=8, description="Images are resized and center-cropped to this size (a multiple of 8)."
@@ -87,7 +89,8 @@ class ControlNetTrainingArgs(StrictModel):
     train_data_dir: ExistingPath | None = Field(
         None,
         description="Training data: an imagefolder with metadata.jsonl, a .jsonl/.csv/.parquet file, a folder of "
-        "parquet files (as load_dataset('parquet', data_dir=...) reads it), or a save_to_disk folder.",
+        "parquet files (as load_dataset('parquet', data_dir=...) reads it), or a save_to_disk folder; local or "
+        "s3://, gs://, abfs://.",
     )
     dataset_name: str | None = Field(
         None,
@@ -181,7 +184,10 @@ class DistributedConfig(StrictModel):
     deepspeed_config: ExistingPath | None = Field(
         None, description="A DeepSpeed JSON whose keys override the generated config."
     )
-    storage_path: str = Field("outputs/ray_train", description="Where Ray Train keeps checkpoints.")
+    storage_path: str = Field(
+        "outputs/ray_train",
+        description="Where Ray Train keeps checkpoints: a folder every node sees, or s3://, gs://, abfs://.",
+    )
     max_failures: int = Field(0, ge=-1, description="Worker failures to recover from (-1: unlimited).")
 
     @model_validator(mode="after")

@@ -11,6 +11,7 @@ ROW_ID = "row_id"  # stable id: from the source, or a hash (see params.row_id_fo
 SOURCE_REF = "source_ref"  # where the row came from, for error messages ("file.jsonl:12")
 ROW_PARAMS = "row_params"  # JSON of the row's own prompt and parameters, as the source gave them
 LOAD_ERRORS = "load_errors"  # JSON: image column -> why the source gave no bytes for it
+UNREADABLE_ROW = "row"  # the load_errors key saying why a whole row could not be read (a bad JSON line)
 INPUT_FILES = "input_files"  # JSON list: the file each image column came from ("" for embedded bytes)
 CONTROL_MAPS = "control_maps"  # the control maps written beside the outputs (sink.save_control_maps)
 PROMPT = "prompt"
@@ -30,6 +31,7 @@ GENERATE_SECONDS = "generate_s"  # this image's share of its pipeline call
 OUTPUT_PATH = "output_path"
 
 OK, FAILED, SKIPPED = "ok", "failed", "skipped"
+PLANNED = "planned"  # a dry run's row: everything checked, nothing generated
 CONTROL_PREFIX = "control_image_"
 
 

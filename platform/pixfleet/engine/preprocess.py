@@ -9,6 +9,7 @@ size down to its VAE's multiple (`PipelineRunner.working_size`).
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import numpy as np
@@ -25,6 +26,18 @@ RESAMPLING = {
     "bilinear": Image.Resampling.BILINEAR,
     "nearest": Image.Resampling.NEAREST,
 }
+
+
+def size_multiple(task: str, vae_scale_factor: int) -> int:
+    """What a pipeline rounds image sizes down to: its VAE's scale factor (and 8 for the inpaint
+    ControlNet pipeline, which checks for multiples of 8 whatever its VAE's factor)."""
+    return math.lcm(int(vae_scale_factor), 8 if task == "controlnet_inpaint" else 1)
+
+
+def generated_size(width: int, height: int, multiple: int) -> tuple[int, int]:
+    """(width, height) a pipeline generates for images of this size, rounded down as diffusers'
+    `get_default_height_width` rounds it."""
+    return width - width % multiple, height - height % multiple
 
 
 def to_pil(array: np.ndarray) -> Image.Image:

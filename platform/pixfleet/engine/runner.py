@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import math
 import time
 from collections import defaultdict
 from typing import Any
@@ -27,7 +26,7 @@ import torch
 from pixfleet.config import GenerationParams, ModelSpec
 from pixfleet.engine import columns as C
 from pixfleet.engine.params import resolve_params
-from pixfleet.engine.preprocess import fit_pil, to_pil
+from pixfleet.engine.preprocess import fit_pil, generated_size, size_multiple, to_pil
 from pixfleet.models.tasks import task_info
 
 # Scheduler class -> the sampler name A1111 writes in its `parameters` text.
@@ -89,8 +88,7 @@ class PipelineRunner:
         self.accepts_size = "height" in call_parameters
         self.step_callback_style = "on_step_end" if "callback_on_step_end" in call_parameters else "legacy"
         self.sampler = A1111_SAMPLERS.get(type(pipe.scheduler).__name__, "")
-        # The inpaint ControlNet pipeline checks for multiples of 8 whatever its VAE's factor.
-        self.size_multiple = math.lcm(int(pipe.vae_scale_factor), 8 if task == "controlnet_inpaint" else 1)
+        self.size_multiple = size_multiple(task, pipe.vae_scale_factor)
 
     @classmethod
     def load(cls, spec: ModelSpec) -> PipelineRunner:
@@ -101,8 +99,7 @@ class PipelineRunner:
     def working_size(self, row: dict[str, Any]) -> tuple[int, int]:
         """(width, height) the pipeline generates for `row`: its images' size rounded down to the
         VAE's multiple, as diffusers' `get_default_height_width` rounds it (to 8 for inpainting)."""
-        width, height = image_size(row)
-        return width - width % self.size_multiple, height - height % self.size_multiple
+        return generated_size(*image_size(row), self.size_multiple)
 
     def prompt_tokens(self, prompts: list[str]) -> list[int]:
         """Tokens of each prompt (start and end included); past `max_prompt_tokens` the text

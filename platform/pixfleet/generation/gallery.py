@@ -3,23 +3,29 @@
 One row per input row: its input images, its control maps (with `sink.save_control_maps`),
 its outputs, prompt, seed and parameters; failed rows show their reason. Pages of
 `PAGE_ROWS` rows (`gallery.html`, `gallery-2.html`, ...) link to each other, and images load
-lazily, so 100,000 rows stay usable. Image paths are relative to the output folder, which can
-be moved or served as it is.
+lazily. A job of millions of rows gets the first `MAX_ROWS` rows of its manifest and the
+first `MAX_FAILED` failures (the manifest has the rest); the manifest is read a batch at a
+time. Image paths are relative to the output folder, which can be moved or served as it is
+(a bucket's static website, say); the pages live beside the images, locally or in the store.
 """
 
 from __future__ import annotations
 
 import html
 import json
-import os
+import posixpath
 import re
-from pathlib import Path
 
 import pandas as pd
+import pyarrow.parquet as pq
 
 from pixfleet.engine import columns as C
+from pixfleet.generation.sink import MANIFEST_FILE
+from pixfleet.storage import Location
 
 PAGE_ROWS = 200
+MAX_ROWS = 10_000  # ok rows shown: 50 pages
+MAX_FAILED = 2_000
 EAGER_ROWS = 12  # the first rows of a page load at once, the rest as they scroll into view
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; }
@@ -49,19 +55,34 @@ def page_name(number: int) -> str:
     return "gallery.html" if number == 1 else f"gallery-{number}.html"
 
 
-def write_gallery(output_dir: str | Path) -> Path:
-    """Write the gallery pages of `output_dir` from its manifest; the path of the first page."""
-    root = Path(output_dir)
-    manifest = pd.read_parquet(root / "manifest.parquet")
-    rows = _rows(manifest)
+def write_gallery(output_dir: str | Location) -> Location:
+    """Write the gallery pages of `output_dir` from its manifest; the Location of the first page."""
+    root = output_dir if isinstance(output_dir, Location) else Location.of(output_dir)
+    records, total = _first_records(root / MANIFEST_FILE)
+    rows = _rows(records)
     pages = max(1, -(-len(rows) // PAGE_ROWS))
     for number in range(1, pages + 1):
         chunk = rows[(number - 1) * PAGE_ROWS : number * PAGE_ROWS]
-        (root / page_name(number)).write_text(_page(root, chunk, number, pages, len(rows)))
-    for stale in root.glob("gallery-*.html"):  # from an earlier, longer run
-        if int(stale.stem.rsplit("-", 1)[1]) > pages:
-            stale.unlink()
+        (root / page_name(number)).write_text(_page(root, chunk, number, pages, total))
+    for stale in root.files((".html",), recursive=False):  # from an earlier, longer run
+        if stale.stem.startswith("gallery-") and int(stale.stem.rsplit("-", 1)[1]) > pages:
+            stale.delete()
     return root / page_name(1)
+
+
+def _first_records(manifest: Location) -> tuple[pd.DataFrame, int]:
+    """The manifest's first MAX_ROWS ok records and first MAX_FAILED failed ones, and how many
+    rows it has in all, reading it a batch at a time."""
+    kept, ok, failed, total = [], 0, 0, 0
+    with manifest.open_input_file() as f:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=4096):
+            frame = batch.to_pandas()
+            total += int((frame[C.IMAGE_INDEX] == 0).sum())
+            is_ok = frame[C.STATUS] == C.OK
+            kept.append(frame[is_ok].head(max(0, MAX_ROWS - ok)))
+            kept.append(frame[~is_ok].head(max(0, MAX_FAILED - failed)))
+            ok, failed = ok + len(kept[-2]), failed + len(kept[-1])
+    return pd.concat(kept, ignore_index=True), total
 
 
 def _rows(manifest: pd.DataFrame) -> list[dict]:
@@ -80,17 +101,20 @@ def _natural(text: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
-def _page(root: Path, rows: list[dict], number: int, pages: int, total: int) -> str:
+def _page(root: Location, rows: list[dict], number: int, pages: int, total: int) -> str:
     nav = "".join(
         f'<a href="{page_name(n)}">{label}</a>'
         for n, label in ((1, "first"), (number - 1, "previous"), (number + 1, "next"), (pages, "last"))
         if 1 <= n <= pages and n != number
     )
     body = "\n".join(_row(root, row, index < EAGER_ROWS) for index, row in enumerate(rows))
+    shown = (
+        f" (the first {MAX_ROWS} and {MAX_FAILED} failures shown; all in {MANIFEST_FILE})" if total > MAX_ROWS else ""
+    )
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>pixfleet gallery {number}/{pages}</title><style>{_STYLE}</style></head>
 <body>
-<h1>{html.escape(str(root.resolve().name))}: {total} rows, page {number} of {pages}</h1>
+<h1>{html.escape(root.name)}: {total} rows{shown}, page {number} of {pages}</h1>
 <p id="broken"></p>
 <nav>{nav}</nav>
 <table>
@@ -103,13 +127,19 @@ def _page(root: Path, rows: list[dict], number: int, pages: int, total: int) -> 
 """
 
 
-def _row(root: Path, row: dict, eager: bool) -> str:
+def _link(uri: str, root: Location) -> str:
+    """A file's address relative to the gallery's folder: files under it, and any local file
+    beside a local gallery; others (another bucket, say) keep their URI."""
+    if uri.startswith(root.uri + "/") or (root.is_local and "://" not in uri):
+        return posixpath.relpath(uri, root.uri)
+    return uri
+
+
+def _row(root: Location, row: dict, eager: bool) -> str:
     loading = "eager" if eager else "lazy"
 
     def images(paths) -> str:
-        return "".join(
-            f'<img src="{html.escape(os.path.relpath(p, root))}" loading="{loading}" alt="">' for p in paths if p
-        )
+        return "".join(f'<img src="{html.escape(_link(p, root))}" loading="{loading}" alt="">' for p in paths if p)
 
     if row[C.STATUS] == C.FAILED:  # its inputs by name: one may be what is missing
         names = "<br>".join(html.escape(p) for p in row[C.INPUT_FILES] if p) or html.escape(str(row[C.SOURCE_REF]))

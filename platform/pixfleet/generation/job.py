@@ -1,29 +1,38 @@
 """Run a generation job: check inputs, resume, stream the plan, show progress, track, summarise,
-and write the gallery."""
+and write the gallery. The driver holds counts: the resume index and the merge of the manifest
+are Ray tasks (`sink.py`), and rows reach the driver only as the counts of finished blocks.
+
+`dry_run` runs the whole plan but the diffusers call and the image writes (see
+`stages/dry_run_stage.py`), into `<output_dir>/dry-run/manifest.parquet`: what a user runs
+before renting GPUs for a million rows.
+"""
 
 from __future__ import annotations
 
+import io
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pandas as pd
+import ray
 
-from pixfleet.cluster import ensure_ray, quiet_ray_data
+from pixfleet.cluster import ensure_ray, quiet_ray_data, run_beside
 from pixfleet.config import GenerationJobConfig
 from pixfleet.engine import columns as C
 from pixfleet.errors import UserError
-from pixfleet.generation.gallery import write_gallery
-from pixfleet.generation.plan import build_plan
+from pixfleet.generation.gallery import page_name, write_gallery
+from pixfleet.generation.plan import DRY_RUN_DIR, build_plan
 from pixfleet.generation.progress import Counts, ProgressLine
-from pixfleet.generation.sink import Manifest
+from pixfleet.generation.sink import MANIFEST_FILE, FinishedRows, Manifest, MergeResult
 from pixfleet.generation.sources import open_source
 from pixfleet.models.identity import ModelIdentity
-from pixfleet.models.loading import check_model_folders
+from pixfleet.models.loading import check_model_folders, fetch_model_files
 from pixfleet.models.registry import resolve_registry_models
+from pixfleet.storage import Location, check_readable, check_writable
 from pixfleet.tracking import mlflow_run, tracking_uri
 
 SHOWN_FAILURES = 5
+MIN_ROWS_FOR_BUDGET = 100  # rows seen before a source of unknown size can be judged by its failures
 
 
 class TooManyFailures(UserError, RuntimeError):
@@ -40,6 +49,7 @@ class GenerationSummary(Counts):
     generate_seconds: float = 0.0  # summed over actors: each image's share of its pipeline call
     gpus_per_actor: float = 0.0
     output_dir: str = ""
+    dry_run: bool = False
     mlflow_run_id: str | None = None
     failures: list[str] = field(default_factory=list)  # "source_ref: reason", in arrival order
 
@@ -52,6 +62,17 @@ class GenerationSummary(Counts):
         return self.generate_seconds * self.gpus_per_actor / 3600
 
     def render(self) -> str:
+        if self.dry_run:
+            lines = [
+                f"rows in            {self.rows_in}",
+                f"rows planned       {self.rows_ok} ({self.images_ok} images; no model loaded, nothing generated)",
+                f"rows failed        {self.rows_failed}",
+                f"rows skipped       {self.rows_skipped} (already written by an earlier run)",
+                f"throughput         {self.rows_done / self.seconds if self.seconds else 0:.1f} rows/s over "
+                f"{self.seconds:.1f} s",
+                f"manifest           {self.output_dir}/{MANIFEST_FILE}",
+            ]
+            return "\n".join(lines + failure_lines(self.failures, MANIFEST_FILE))
         lines = [
             f"rows in            {self.rows_in}",
             f"images written     {self.images_ok}",
@@ -61,10 +82,10 @@ class GenerationSummary(Counts):
             f"generation time    {self.generate_seconds:.1f} s summed over actors",
             f"accelerator-hours  {self.accelerator_hours:.4f} (generation time x GPUs per actor)",
             f"output             {self.output_dir}",
-            f"gallery            {Path(self.output_dir) / 'gallery.html'}",
+            f"gallery            {self.output_dir}/{page_name(1)}",
             f"mlflow run         {self.mlflow_run_id or '-'}",
         ]
-        return "\n".join(lines + failure_lines(self.failures, "manifest.parquet"))
+        return "\n".join(lines + failure_lines(self.failures, MANIFEST_FILE))
 
 
 def failure_lines(failures: list[str], manifest: str) -> list[str]:
@@ -75,68 +96,103 @@ def failure_lines(failures: list[str], manifest: str) -> list[str]:
     return lines
 
 
-def stop_past_failure_budget(counts: Counts, failures: list[str], max_failed_fraction: float) -> None:
-    """TooManyFailures once more rows failed than the job allows."""
-    if counts.rows_failed > max_failed_fraction * counts.rows_in:
+def stop_past_failure_budget(counts: Counts, failures: list[str], max_failed_fraction: float, final=False) -> None:
+    """TooManyFailures once more rows failed than the job allows: a fraction of all rows, or,
+    while the total is unknown, of the rows seen so far (once there are enough to judge by)."""
+    total = counts.rows_in if counts.rows_in is not None else counts.rows_done
+    if counts.rows_in is None and not final and total < MIN_ROWS_FOR_BUDGET:
+        return
+    if counts.rows_failed > max_failed_fraction * total:
         raise TooManyFailures(
-            f"{counts.rows_failed} of {counts.rows_in} rows failed, over "
+            f"{counts.rows_failed} of {total} rows failed, over "
             f"max_failed_fraction={max_failed_fraction}; first: {failures[0]}"
         )
 
 
 def run_generation(
-    job: GenerationJobConfig, address: str | None = None, ray_progress: bool = False
+    job: GenerationJobConfig, address: str | None = None, ray_progress: bool = False, dry_run: bool = False
 ) -> GenerationSummary:
     """Run `job` to completion (or to its failure budget) and return its summary.
 
     Progress goes to stderr as one line; `ray_progress` brings back Ray Data's own bars.
     """
-    # 1. Check inputs before any work: models (MLflow URIs fetched), the source's rows and columns.
+    # 1. Check inputs before any work: models (MLflow URIs fetched), where rows come from and go.
     params = job.model_dump(mode="json")  # as written: MLflow records the URIs, not the cache
+    check_readable(job.source.path, "source.path")
+    job = with_locations(job)
     resolved = job.model_copy(update={"model": resolve_registry_models(job.model, tracking_uri(job.tracking))})
-    check_model_folders(resolved.model)
-    model = ModelIdentity.of(resolved.model, named=job.model)
+    local = fetch_model_files(resolved.model)  # this node's copies, for the checks and the content hashes
+    check_model_folders(local)
+    model = ModelIdentity.of(local, named=job.model)
     ensure_ray(address)
     quiet_ray_data(ray_progress)
     source = open_source(job.source, job.model.task, job.model.num_controlnets, job.resources.rows_per_block)
+    output = check_writable(job.sink.output_dir, "sink.output_dir")
 
-    # 2. Resume: rows an earlier run wrote are skipped.
-    manifest = Manifest(job.sink)
-    finished = manifest.finished_row_ids()
+    # 2. Resume: rows an earlier run wrote are skipped. A task builds the index; this process
+    # holds its reference only, and each decode task reads it from the object store.
+    finished = FinishedRows(run_beside(_finished_digests, output))
+    target = output / DRY_RUN_DIR if dry_run else output
+    if dry_run:  # each dry run says what the job would do now
+        for file in Manifest(target).files():
+            file.delete()
     summary = GenerationSummary(
         rows_in=source.num_rows,
         gpus_per_actor=job.resources.num_gpus_per_actor,
-        output_dir=str(Path(job.sink.output_dir).resolve()),
+        output_dir=target.uri,
+        dry_run=dry_run,
     )
 
     # 3. Stream the plan; the manifest rows come back as batches finish.
-    with mlflow_run(job.tracking, job.name, params) as mlflow:
+    tracking = job.tracking.model_copy(update={"enabled": False}) if dry_run else job.tracking
+    with mlflow_run(tracking, job.name, params) as mlflow:
         if mlflow:
             summary.mlflow_run_id = mlflow.active_run().info.run_id
             mlflow.log_params({"source.rows": source.num_rows, "model.base_model_hash": model.base_model_hash})
         progress = ProgressLine(mlflow=mlflow)
         start = time.perf_counter()
+        merged = MergeResult()
         try:
-            plan = build_plan(resolved, source, model, finished)
+            plan = build_plan(resolved, source, model, finished, dry_run=dry_run)
             for batch in plan.iter_batches(batch_format="pandas", batch_size=None):  # blocks as they finish
                 _count(summary, batch)
                 progress.update(summary)
                 stop_past_failure_budget(summary, summary.failures, job.max_failed_fraction)
+            summary.rows_in = summary.rows_done  # the count, where the source could not give it
+            stop_past_failure_budget(summary, summary.failures, job.max_failed_fraction, final=True)
         finally:
             summary.seconds = time.perf_counter() - start
             progress.close(summary)
-            merged = manifest.merge()
-            gallery = write_gallery(job.sink.output_dir)
+            merged = ray.get(run_beside(_merge, target, gallery=not dry_run))
             if mlflow:
-                _log_run(mlflow, summary, merged, job)
-                mlflow.log_artifact(str(gallery))
+                _log_run(mlflow, summary, merged, target)
     return summary
+
+
+def with_locations(job: GenerationJobConfig) -> GenerationJobConfig:
+    """`job` with its source and output as absolute URIs: its tasks run in other processes, on
+    other nodes, whose working directories are not the driver's."""
+    source = job.source.model_copy(update={"path": Location.of(job.source.path).uri})
+    sink = job.sink.model_copy(update={"output_dir": Location.of(job.sink.output_dir).uri})
+    return job.model_copy(update={"source": source, "sink": sink})
+
+
+def _finished_digests(output: Location):
+    return Manifest(output).finished().digests
+
+
+def _merge(target: Location, gallery: bool) -> MergeResult:
+    result = Manifest(target).merge()
+    if gallery:
+        write_gallery(target)
+    return result
 
 
 def _count(summary: GenerationSummary, batch: pd.DataFrame) -> None:
     first_images = batch[batch[C.IMAGE_INDEX] == 0]
-    summary.images_ok += int((batch[C.STATUS] == C.OK).sum())
-    summary.rows_ok += int((first_images[C.STATUS] == C.OK).sum())
+    done = (C.PLANNED, C.OK) if summary.dry_run else (C.OK,)
+    summary.images_ok += int(batch[C.STATUS].isin(done).sum())
+    summary.rows_ok += int(first_images[C.STATUS].isin(done).sum())
     summary.rows_skipped += int((first_images[C.STATUS] == C.SKIPPED).sum())
     failed = first_images[first_images[C.STATUS] == C.FAILED]
     summary.rows_failed += len(failed)
@@ -144,10 +200,10 @@ def _count(summary: GenerationSummary, batch: pd.DataFrame) -> None:
     summary.generate_seconds += float(batch[C.GENERATE_SECONDS].sum())
 
 
-def _log_run(mlflow, summary: GenerationSummary, merged: pd.DataFrame, job: GenerationJobConfig) -> None:
+def _log_run(mlflow, summary: GenerationSummary, merged: MergeResult, output: Location) -> None:
     mlflow.log_metrics(
         {
-            "rows_in": summary.rows_in,
+            "rows_in": summary.rows_in or 0,
             "images_ok": summary.images_ok,
             "rows_failed": summary.rows_failed,
             "rows_skipped": summary.rows_skipped,
@@ -155,22 +211,24 @@ def _log_run(mlflow, summary: GenerationSummary, merged: pd.DataFrame, job: Gene
             "duration_s": summary.seconds,
             "generate_s": summary.generate_seconds,
             "accelerator_hours": summary.accelerator_hours,
+            "manifest_rows": merged.rows,
         }
     )
-    paths = [p for p in merged.loc[merged[C.STATUS] == C.OK, C.OUTPUT_PATH] if Path(p).exists()]
-    if paths:
-        mlflow.log_image(sample_grid(paths[:16]), "samples.png")
-    manifest_path = Path(job.sink.output_dir) / "manifest.parquet"
-    if manifest_path.exists():
-        mlflow.log_artifact(str(manifest_path))
+    if merged.sample_outputs:
+        mlflow.log_image(sample_grid(merged.sample_outputs), "samples.png")
+    mlflow.set_tag("manifest", (output / MANIFEST_FILE).uri)
+    gallery = output / page_name(1)
+    for page in (output / MANIFEST_FILE, gallery):
+        if page.is_local and page.is_file():  # a bucket's files stay in the bucket, named by the tag
+            mlflow.log_artifact(page.path)
 
 
-def sample_grid(paths: list[str], columns: int = 4):
+def sample_grid(uris: list[str], columns: int = 4):
     """Up to 16 images in a grid, all at the first image's size."""
     from diffusers.utils import make_image_grid
     from PIL import Image
 
-    images = [Image.open(p).convert("RGB") for p in paths]
+    images = [Image.open(io.BytesIO(Location.of(uri).read_bytes())).convert("RGB") for uri in uris[:16]]
     size = images[0].size
     columns = min(columns, len(images))
     rows = -(-len(images) // columns)

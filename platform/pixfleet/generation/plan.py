@@ -8,6 +8,9 @@
     encode      PNG/JPEG/WebP bytes + A1111 parameters     (CPU tasks)
     write       image files + manifest part per batch      (CPU tasks, fused with encode)
 
+A dry run (`pixfleet generate --dry-run`) swaps generate and encode for the dry-run stage and
+writes the manifest alone, under `<output_dir>/dry-run/`.
+
 Each stage plans itself (`PlannedStage`: its columns and its Ray resources); this module
 chains them and checks, before anything runs, that every stage finds the columns it needs.
 """
@@ -15,6 +18,7 @@ chains them and checks, before anything runs, that every stage finds the columns
 from __future__ import annotations
 
 import json
+from collections.abc import Container
 
 import ray.data
 
@@ -25,12 +29,15 @@ from pixfleet.generation.sources import ImageRoles, Source
 from pixfleet.generation.stages import PlannedStage
 from pixfleet.generation.stages.decode_stage import DecodeStage
 from pixfleet.generation.stages.detect_stage import DetectStage
+from pixfleet.generation.stages.dry_run_stage import DryRunStage
 from pixfleet.generation.stages.encode_stage import EncodeStage
 from pixfleet.generation.stages.generate_stage import GenerateStage
 from pixfleet.generation.stages.preprocess_stage import PreprocessStage
 from pixfleet.generation.stages.write_stage import WriteStage
 from pixfleet.models.identity import ModelIdentity
+from pixfleet.storage import Location
 
+DRY_RUN_DIR = "dry-run"  # where a dry run's manifest goes, under the job's output_dir
 SOURCE_COLUMNS = (C.ROW_ID, C.SOURCE_REF, C.ROW_PARAMS, C.LOAD_ERRORS, C.INPUT_FILES)
 
 
@@ -53,7 +60,11 @@ def job_fingerprint(job: GenerationJobConfig, model: ModelIdentity) -> str:
 
 
 def plan_stages(
-    job: GenerationJobConfig, image_labels: dict[str, str], model: ModelIdentity, finished_row_ids: frozenset[str]
+    job: GenerationJobConfig,
+    image_labels: dict[str, str],
+    model: ModelIdentity,
+    finished_row_ids: Container[str],
+    dry_run: bool = False,
 ) -> list[PlannedStage]:
     """The stages in order, each with its Ray options; `image_labels` maps the task's image
     columns to the names messages use."""
@@ -63,13 +74,26 @@ def plan_stages(
         for column in columns
         if (control := control_for(job.preprocess.control, column)) is not None and control.uses_model
     }
-    return [
+    sink = job.sink
+    if dry_run:
+        dry_run_dir = (Location.of(sink.output_dir) / DRY_RUN_DIR).uri
+        sink = sink.model_copy(update={"output_dir": dry_run_dir, "save_control_maps": False})
+    stages = [
         DecodeStage.plan(job, image_labels, job_fingerprint(job, model), finished_row_ids),
-        PreprocessStage.plan(job.preprocess, columns, job.resources, job.sink),
-        *([DetectStage.plan(model_detectors, job.resources, job.sink)] if model_detectors else []),
+        PreprocessStage.plan(job.preprocess, columns, job.resources, sink),
+        *([DetectStage.plan(model_detectors, job.resources, sink)] if model_detectors else []),
+    ]
+    if dry_run:
+        return [
+            *stages,
+            DryRunStage.plan(job.model, columns, job.resources),
+            WriteStage.plan(sink, model, job.model.num_controlnets),
+        ]
+    return [
+        *stages,
         GenerateStage.plan(job.model, columns, (job.preprocess.width, job.preprocess.height), job.resources),
-        EncodeStage.plan(job.sink, model, job.preprocess),
-        WriteStage.plan(job.sink, model, job.model.num_controlnets),
+        EncodeStage.plan(sink, model, job.preprocess),
+        WriteStage.plan(sink, model, job.model.num_controlnets),
     ]
 
 
@@ -83,10 +107,14 @@ def check_chain(stages: list[PlannedStage], available: tuple[str, ...]) -> None:
 
 
 def build_plan(
-    job: GenerationJobConfig, source: Source, model: ModelIdentity, finished_row_ids: frozenset[str]
+    job: GenerationJobConfig,
+    source: Source,
+    model: ModelIdentity,
+    finished_row_ids: Container[str],
+    dry_run: bool = False,
 ) -> ray.data.Dataset:
     """The lazy dataset of manifest rows; iterating it runs the job."""
-    stages = plan_stages(job, source.image_labels, model, finished_row_ids)
+    stages = plan_stages(job, source.image_labels, model, finished_row_ids, dry_run)
     check_chain(stages, (*SOURCE_COLUMNS, *source.image_labels))
     dataset = source.dataset
     for stage in stages:

@@ -2,9 +2,10 @@
 
     rows 1200/3000  ok 1180  failed 12  skipped 8  |  4.21 images/s  |  ETA 7m 08s
 
-On a terminal the line is rewritten in place; in a log (not a TTY) a line is printed every
-`log_interval_s`. MLflow gets the counts every `metrics_interval_s`, so a run can be watched
-in the MLflow UI while it goes.
+A source whose format does not say how many rows it has (CSV, folders, shards) shows
+`rows 1200/?` and no ETA. On a terminal the line is rewritten in place; in a log (not a TTY)
+a line is printed every `log_interval_s`. MLflow gets the counts every `metrics_interval_s`,
+so a run can be watched in the MLflow UI while it goes.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pixfleet.tracking import format_duration
 class Counts:
     """Rows of a job by status so far, and the images written."""
 
-    rows_in: int
+    rows_in: int | None  # None while the source's total is unknown
     rows_ok: int = 0
     rows_failed: int = 0
     rows_skipped: int = 0
@@ -55,12 +56,12 @@ class ProgressLine:
         rate = counts.images_ok / elapsed if elapsed > 0 else 0.0
         # Skipped rows cost nothing: the ETA counts only rows this run computes.
         computed = counts.rows_ok + counts.rows_failed + counts.rows_filtered
-        remaining = counts.rows_in - counts.rows_done
+        total = "?" if counts.rows_in is None else str(counts.rows_in)
+        remaining = None if counts.rows_in is None else counts.rows_in - counts.rows_done
         eta = format_duration(remaining * elapsed / computed) if computed and remaining else "-"
-        width = len(str(counts.rows_in))
         filtered = f"filtered {counts.rows_filtered}  " if counts.rows_filtered else ""
         return (
-            f"rows {counts.rows_done:>{width}}/{counts.rows_in}  ok {counts.rows_ok}  {filtered}"
+            f"rows {counts.rows_done:>{len(total)}}/{total}  ok {counts.rows_ok}  {filtered}"
             f"failed {counts.rows_failed}  skipped {counts.rows_skipped}  |  {rate:.2f} images/s  |  ETA {eta}"
         )
 

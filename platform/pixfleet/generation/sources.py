@@ -4,19 +4,28 @@ Canonical columns (see `engine.columns`): `row_id` (may be empty: hashed later),
 `row_params` (JSON of the row's own prompt and parameters: `seed`, `negative_prompt`,
 `guidance_scale`, ...; an empty cell is left out, so the config's value applies), image bytes
 in `control_image_<i>`, `source_image`, `mask_image` (those the task needs), and
-`load_errors` (JSON: why an image column has no bytes). Parameters travel as JSON so that
-integers stay exact (a seed over 2**53 in a column with gaps would otherwise become a float).
-Image bytes load inside Ray tasks; the driver only lists rows and checks the schema, so a
-source that cannot work fails before any work starts.
+`load_errors` (JSON: why an image column has no bytes, or why the whole row could not be
+read under "row"). Parameters travel as JSON so that integers stay exact (a seed over 2**53 in
+a column with gaps would otherwise become a float).
+
+The driver plans and checks, and never holds a row: tables are planned from their footers or
+first lines (`data.tables.plan_table`: files, chunks, columns, the row count where the format
+has it), folders and shards are listed by name. Ray tasks read the chunks, list the folders,
+cut the rows into blocks of `rows_per_block`, build each row's parameters and read its image
+bytes, from local disk or an object store alike (`pixfleet.storage`). A source that cannot
+work fails here, before any work starts.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
+import tarfile
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,20 +34,31 @@ import ray.data
 
 from pixfleet.config import ConfigError, GenerationParams, SourceConfig
 from pixfleet.config.generation import PER_CONTROLNET
+from pixfleet.data.blocks import in_blocks
 from pixfleet.data.tables import (
     MANIFEST_SUFFIXES,
+    ROW,
+    ROW_ERROR,
+    TablePlan,
     UnreadableImage,
     is_datasets_folder,
     metadata_file,
+    parquet_files,
+    plan_table,
+    read_chunk,
     read_image_bytes,
-    read_image_table,
 )
 from pixfleet.engine import columns as C
 from pixfleet.models.tasks import task_info, unused_parameters
+from pixfleet.storage import Location, StorageError, check_readable
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
-# Reads must fit beside the actors that hold whole CPUs, or Ray Data waits forever.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# Reads must fit beside the actors that hold whole CPUs, or Ray Data waits forever. Listing and
+# chunk reads ask for a different share than the per-block work, so Ray Data does not fuse
+# them: a chunk's rows are cut into blocks first, then each block is worked on by its own task.
+READ_CPUS = 0.05
 LOAD_CPUS = 0.1
+FETCH_THREADS = 16  # image reads in flight per task
 
 
 @dataclass(frozen=True)
@@ -67,29 +87,29 @@ class ImageRoles:
 
 @dataclass
 class Source:
-    """A readable source: its Ray dataset of canonical rows, how many rows it has, and the
-    names its image columns go by in messages."""
+    """A readable source: its Ray dataset of canonical rows, how many rows it has (None when
+    the format cannot say without reading them all), and the names its image columns go by."""
 
     dataset: ray.data.Dataset
-    num_rows: int
+    num_rows: int | None
     description: str
     image_labels: dict[str, str]
 
 
 def detect_format(config: SourceConfig) -> str:
-    """'auto' -> the format the path's contents say."""
+    """'auto' -> the format the path's contents say; ConfigError when it is not there."""
+    location = check_readable(config.path, "source.path")
     if config.format != "auto":
         return config.format
-    path = Path(config.path)
-    if path.is_file():
-        if path.suffix in MANIFEST_SUFFIXES:
+    if location.is_file():
+        if location.suffix in MANIFEST_SUFFIXES:
             return "manifest"
-        raise ConfigError(f"source.path {path}: not a .jsonl, .csv or .parquet manifest")
-    if is_datasets_folder(path):
+        raise ConfigError(f"source.path {location}: not a .jsonl, .csv or .parquet manifest")
+    if is_datasets_folder(location):
         return "hf_dataset"
-    if any(path.glob("*.tar")):
+    if location.files((".tar",), recursive=False):
         return "webdataset"
-    if metadata_file(path):
+    if metadata_file(location) or parquet_files(location):
         return "manifest"
     return "folder"
 
@@ -117,30 +137,51 @@ def _open(config: SourceConfig, task: str | None, roles: ImageRoles, rows_per_bl
         "hf_dataset": _table,
         "webdataset": _webdataset,
     }
-    return readers[detect_format(config)](config, task, roles, rows_per_block)
+    try:
+        source = readers[detect_format(config)](config, task, roles, rows_per_block)
+    except StorageError as error:
+        raise ConfigError(f"source.path: {error}") from None
+    if config.limit:
+        count = config.limit if source.num_rows is None else min(source.num_rows, config.limit)
+        source.dataset, source.num_rows = source.dataset.limit(config.limit), count
+    return source
 
 
-def _in_blocks(table: pd.DataFrame, rows_per_block: int) -> ray.data.Dataset:
-    return ray.data.from_pandas([table.iloc[i : i + rows_per_block] for i in range(0, len(table), rows_per_block)])
+def _in_blocks(dataset: ray.data.Dataset, rows_per_block: int) -> ray.data.Dataset:
+    return in_blocks(dataset, rows_per_block, READ_CPUS)
 
 
 def _folder(config: SourceConfig, task: str | None, roles: ImageRoles, rows_per_block: int) -> Source:
-    """Each image is a row: it feeds every image role but the mask; the prompt is the default."""
-    root = Path(config.path)
+    """Each image is a row: it feeds every image role but the mask; the prompt is the default.
+    Listed by tasks, one per subfolder (and one for the top level)."""
+    root = Location.of(config.path)
     if not root.is_dir():
         raise ConfigError(f"source.path {root}: not a folder")
     if C.MASK_IMAGE in roles.mapping:
         raise ConfigError(f"source.path {root}: inpaint needs masks; use a manifest with a mask column")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[: config.limit]
-    if not files:
-        raise ConfigError(f"source.path {root}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    paths = [str(p) for p in files]
-    table = pd.DataFrame({C.SOURCE_REF: paths, C.ROW_ID: "", C.ROW_PARAMS: "{}", "_path": paths})
+    folders = [(root, False), *((sub, True) for sub in root.subfolders() if not sub.name.startswith("."))]
+    if not root.files(IMAGE_SUFFIXES, recursive=False) and not folders[1:]:
+        raise ConfigError(f"source.path {root}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    listings = ray.data.from_items(
+        [{"folder": i} for i in range(len(folders))], override_num_blocks=len(folders)
+    ).map_batches(_ListImages(folders), batch_size=1, batch_format="pandas", num_cpus=READ_CPUS)
     image_paths = {canonical: "_path" for canonical in roles.mapping}
-    dataset = _in_blocks(table, rows_per_block).map_batches(
+    dataset = _in_blocks(listings, rows_per_block).map_batches(
         _LoadImageFiles(image_paths), batch_format="pandas", num_cpus=LOAD_CPUS
     )
-    return Source(dataset, len(table), f"folder {root} ({len(table)} images)", roles.labels(folder=True))
+    return Source(dataset, None, f"folder {root}", roles.labels(folder=True))
+
+
+class _ListImages:
+    """One folder's image files (its whole tree, or only its top level) as rows, sorted."""
+
+    def __init__(self, folders: list[tuple[Location, bool]]):
+        self.folders = folders
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        folder, recursive = self.folders[int(batch["folder"].iloc[0])]
+        paths = [f.uri for f in folder.files(IMAGE_SUFFIXES, recursive=recursive)]
+        return pd.DataFrame({C.SOURCE_REF: paths, C.ROW_ID: "", C.ROW_PARAMS: "{}", "_path": paths})
 
 
 def _table(config: SourceConfig, task: str | None, roles: ImageRoles, rows_per_block: int) -> Source:
@@ -148,58 +189,101 @@ def _table(config: SourceConfig, task: str | None, roles: ImageRoles, rows_per_b
     columns = dict(roles.mapping)
     if config.id_column:
         columns["id_column"] = config.id_column
-    loaded = read_image_table(
-        Path(config.path), columns, set(roles.mapping.values()), config.limit, field="source.path"
-    )
-    table = loaded.table
-    parameter_columns = [name for name in GenerationParams.model_fields if task and name in table and name != "prompt"]
-    filled = [name for name in parameter_columns if any(_cell(v, False) is not _UNSET for v in table[name])]
-    unused = unused_parameters(task, filled)  # an empty column of a shared manifest is fine
-    if unused:
+    plan = plan_table(Location.of(config.path), columns, set(roles.mapping.values()), field="source.path")
+    plan = plan.limited(config.limit)
+    parameter_columns = [name for name in GenerationParams.model_fields if task and name in plan.columns]
+    parameter_columns = [name for name in parameter_columns if name != "prompt"]
+    unused = unused_parameters(task, [name for name in parameter_columns if name in plan.filled])
+    if unused:  # an empty column of a shared manifest is fine
         raise ConfigError(
             f"source.path {config.path}: column {unused[0]!r} is a parameter task {task!r} does not take"
         )
-    own = [config.prompt_column, *parameter_columns] if config.prompt_column in table else parameter_columns
-    canonical = pd.DataFrame(
-        {
-            C.SOURCE_REF: loaded.refs,
-            C.ROW_ID: [_row_id(v) for v in table[config.id_column]] if config.id_column else "",
-            C.ROW_PARAMS: [row_params(record, config.prompt_column) for record in table[own].to_dict("records")],
-            **{column: table[column] for column in set(roles.mapping.values())},
-        }
+    own = [config.prompt_column, *parameter_columns] if config.prompt_column in plan.columns else parameter_columns
+    wanted = [*dict.fromkeys([*roles.mapping.values(), *own, *([config.id_column] if config.id_column else [])])]
+    chunks = ray.data.from_items(
+        [{"chunk": i} for i in range(len(plan.chunks))], override_num_blocks=max(1, len(plan.chunks))
+    ).map_batches(_ReadChunk(plan, wanted), batch_size=1, batch_format="pandas", num_cpus=READ_CPUS)
+    dataset = _in_blocks(chunks, rows_per_block).map_batches(
+        _CanonicalRows(roles.mapping, own, config.prompt_column, config.id_column),
+        batch_format="pandas",
+        num_cpus=LOAD_CPUS,
     )
-    dataset = _in_blocks(canonical, rows_per_block).map_batches(
-        _LoadImageFiles(roles.mapping), batch_format="pandas", num_cpus=LOAD_CPUS
-    )
-    return Source(dataset, len(table), f"{config.path} ({len(table)} rows)", roles.labels(folder=False))
+    count = f"{plan.num_rows} rows" if plan.num_rows is not None else "rows counted as they are read"
+    return Source(dataset, plan.num_rows, f"{plan.label} ({count})", roles.labels(folder=False))
+
+
+class _ReadChunk:
+    """One chunk of a planned table: its rows' cells as they are, and each row's reference."""
+
+    def __init__(self, plan: TablePlan, columns: list[str]):
+        self.plan, self.columns = plan, columns
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        chunk = self.plan.chunks[int(batch["chunk"].iloc[0])]
+        table = read_chunk(self.plan, chunk, self.columns)
+        name = self.plan.files[chunk.file].name
+        table[C.SOURCE_REF] = [f"{name}:{n}" for n in table.pop(ROW)]
+        if ROW_ERROR not in table:
+            table[ROW_ERROR] = None
+        return table
+
+
+class _CanonicalRows:
+    """Table rows -> canonical rows: parameters as JSON, ids, image bytes (read here)."""
+
+    def __init__(self, image_columns: dict[str, str], own: list[str], prompt_column: str, id_column: str | None):
+        self.load = _LoadImageFiles(image_columns)
+        self.own, self.prompt_column, self.id_column = own, prompt_column, id_column
+
+    def __call__(self, table: pd.DataFrame) -> pd.DataFrame:
+        records = table[self.own].to_dict("records")
+        canonical = pd.DataFrame(
+            {
+                C.SOURCE_REF: table[C.SOURCE_REF],
+                C.ROW_ID: [_row_id(v) for v in table[self.id_column]] if self.id_column else "",
+                C.ROW_PARAMS: [row_params(record, self.prompt_column) for record in records],
+                **{column: table[column] for column in set(self.load.image_columns.values())},
+                ROW_ERROR: table[ROW_ERROR],
+            }
+        )
+        return self.load(canonical)
 
 
 def _webdataset(config: SourceConfig, task: str | None, roles: ImageRoles, rows_per_block: int) -> Source:
-    """Tar shards; a sample's files are columns by extension key (`control.png`, `txt`, `json`)."""
-    import tarfile
-
-    path = Path(config.path)
-    shards = sorted(str(p) for p in path.glob("*.tar"))
-    keys, count = set(), 0
-    for shard in shards:
-        with tarfile.open(shard) as tar:
-            names = [m.name for m in tar.getmembers() if m.isfile()]
-        keys |= {name.split(".", 1)[1] for name in names if "." in name}
-        count += len({name.split(".", 1)[0] for name in names})
-    if count == 0:
-        raise ConfigError(f"source.path {path}: no samples in {len(shards)} shard(s)")
-    _check_columns(path, sorted(keys), config, roles)
-    dataset = ray.data.read_webdataset(shards, decoder=None).repartition(target_num_rows_per_block=rows_per_block)
-    dataset = dataset.map_batches(
+    """Tar shards; a sample's files are columns by extension key (`control.png`, `txt`, `json`).
+    The driver looks into the first shard's first samples for the keys; Ray Data's reader reads
+    the shards in tasks, so the sample count is known only at the end."""
+    folder = Location.of(config.path)
+    shards = folder.files((".tar",), recursive=False)
+    keys = _first_keys(shards[0])
+    if not keys:
+        raise ConfigError(f"source.path {shards[0]}: no samples")
+    _check_columns(folder, sorted(keys), config, roles)
+    dataset = ray.data.read_webdataset(
+        [shard.path for shard in shards], filesystem=folder.fs, decoder=None, override_num_blocks=len(shards)
+    )
+    dataset = _in_blocks(dataset, rows_per_block).map_batches(
         _WebDatasetRows(roles.mapping, config.prompt_column), batch_format="pandas", num_cpus=LOAD_CPUS
     )
-    if config.limit:
-        dataset, count = dataset.limit(config.limit), min(count, config.limit)
-    description = f"webdataset {path} ({len(shards)} shards, {count} samples)"
-    return Source(dataset, count, description, roles.labels(folder=False))
+    return Source(dataset, None, f"webdataset {folder} ({len(shards)} shards)", roles.labels(folder=False))
 
 
-def _check_columns(path: Path, available: list[str], config: SourceConfig, roles: ImageRoles) -> None:
+def _first_keys(shard: Location, samples: int = 32) -> set[str]:
+    """The extension keys of a shard's first samples, reading only as far as they go."""
+    keys, names = set(), set()
+    with shard.fs.open_input_stream(shard.path) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+        for member in tar:
+            if not member.isfile() or "." not in member.name:
+                continue
+            name, key = member.name.split(".", 1)
+            names.add(name)
+            if len(names) > samples:
+                break
+            keys.add(key)
+    return keys
+
+
+def _check_columns(path: Location, available: list[str], config: SourceConfig, roles: ImageRoles) -> None:
     needed = {f"{role} ({name})": name for role, name in roles.mapping.items()}
     if config.id_column:
         needed[f"id_column ({config.id_column})"] = config.id_column
@@ -247,8 +331,8 @@ def _row_id(value: Any) -> str:
 
 
 class _LoadImageFiles:
-    """Read canonical image columns from source columns (paths or bytes); why a cell gave no
-    bytes goes to `load_errors`."""
+    """Read canonical image columns from source columns (bytes or file URIs); why a cell gave
+    no bytes goes to `load_errors`, and why a row could not be read at all under "row"."""
 
     def __init__(self, image_columns: dict[str, str]):
         self.image_columns = image_columns
@@ -256,14 +340,17 @@ class _LoadImageFiles:
     def __call__(self, table: pd.DataFrame) -> pd.DataFrame:
         out = table[[C.SOURCE_REF, C.ROW_ID, C.ROW_PARAMS]].copy()
         errors = [{} for _ in range(len(table))]
+        if ROW_ERROR in table:
+            for i, reason in enumerate(table[ROW_ERROR]):
+                if isinstance(reason, str):
+                    errors[i][C.UNREADABLE_ROW] = reason
         for canonical, column in self.image_columns.items():
             images = []
-            for i, value in enumerate(table[column]):
-                try:
-                    images.append(read_image_bytes(value))
-                except UnreadableImage as error:
-                    images.append(None)
-                    errors[i][canonical] = str(error)
+            for i, value in enumerate(_images_of(table[column])):
+                if isinstance(value, UnreadableImage):
+                    errors[i].setdefault(canonical, str(value))
+                    value = None
+                images.append(value)
             out[canonical] = images
         out[C.LOAD_ERRORS] = [json.dumps(e) for e in errors]
         cells = table[list(dict.fromkeys(self.image_columns.values()))].to_dict("records")
@@ -272,6 +359,24 @@ class _LoadImageFiles:
             for row in cells
         ]
         return out
+
+
+def _images_of(cells: pd.Series) -> Iterator[bytes | UnreadableImage]:
+    """Each cell's bytes, or why not; files are fetched a few at a time (an object store answers
+    each GET in milliseconds, not microseconds)."""
+    return _fetch_pool().map(_image_or_reason, cells)
+
+
+def _image_or_reason(value: Any) -> bytes | UnreadableImage:
+    try:
+        return read_image_bytes(value)
+    except UnreadableImage as error:
+        return error
+
+
+@functools.cache
+def _fetch_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="pixfleet-fetch")
 
 
 class _WebDatasetRows:

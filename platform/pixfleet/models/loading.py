@@ -87,8 +87,26 @@ def import_pipeline_classes() -> None:
     _ = (transformers.CLIPTextModel, transformers.CLIPTextModelWithProjection, transformers.CLIPTokenizer)
 
 
+def fetch_model_files(spec: ModelSpec) -> ModelSpec:
+    """`spec` with its models in object storage (`s3://...`) replaced by this node's copies,
+    downloaded once per node and cached: what `from_pretrained` and the folder checks need."""
+    from pixfleet.models.registry import local_model
+
+    return spec.model_copy(
+        update={
+            "base_model": local_model(spec.base_model, ""),
+            "controlnets": [local_model(c, "") for c in spec.controlnets],
+            "loras": [lora.model_copy(update={"path": local_model(lora.path, "")}) for lora in spec.loras],
+            "textual_inversions": [
+                ti.model_copy(update={"path": local_model(ti.path, "")}) for ti in spec.textual_inversions
+            ],
+        }
+    )
+
+
 def load_pipeline(spec: ModelSpec) -> diffusers.DiffusionPipeline:
     """Load `spec` through `from_pretrained`, then apply scheduler, switches and adapters."""
+    spec = fetch_model_files(spec)
     check_model_folders(spec)
     info = task_info(spec.task)
     device = resolve_device(spec.device)

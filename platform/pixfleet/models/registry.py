@@ -1,4 +1,5 @@
-"""Models from the MLflow registry: `models:/NAME@ALIAS` (or `runs:/ID/path`) to a local folder."""
+"""Models from the MLflow registry (`models:/NAME@ALIAS`, `runs:/ID/path`) or object storage
+(`s3://bucket/models/sd15`) to a local folder, fetched once per node."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 from pixfleet.config import ModelSpec
 from pixfleet.config.paths import is_mlflow_uri
 from pixfleet.errors import UserError
+from pixfleet.storage import Location, StorageError, is_uri
 
 CACHE = Path.home() / ".cache" / "pixfleet" / "mlflow"
 
@@ -82,16 +84,25 @@ def pin_version(uri: str | None, tracking_uri: str) -> str | None:
 
 
 def local_model(value: str | None, tracking_uri: str) -> str | None:
-    """The folder to load `value` from: an MLflow URI downloaded (once per node), else as it is."""
-    return download_model(value, tracking_uri) if value and is_mlflow_uri(value) else value
+    """The folder to load `value` from: an MLflow URI or a folder in object storage downloaded
+    (once per node), else as it is (a local folder or a hub id)."""
+    if value and is_mlflow_uri(value):
+        return download_model(value, tracking_uri)
+    if value and is_uri(value):
+        try:
+            return str(Location.of(value).cached_copy())
+        except StorageError as error:
+            raise RegistryError(str(error)) from None
+    return value
 
 
 def resolve_registry_models(spec: ModelSpec, tracking_uri: str) -> ModelSpec:
-    """`spec` with every MLflow URI replaced by its downloaded folder."""
+    """`spec` with every MLflow URI replaced by its downloaded folder (object storage URIs stay:
+    each node fetches those itself, `loading.fetch_model_files`)."""
+
+    def resolved(value: str) -> str:
+        return download_model(value, tracking_uri) if is_mlflow_uri(value) else value
 
     return spec.model_copy(
-        update={
-            "base_model": local_model(spec.base_model, tracking_uri),
-            "controlnets": [local_model(c, tracking_uri) for c in spec.controlnets],
-        }
+        update={"base_model": resolved(spec.base_model), "controlnets": [resolved(c) for c in spec.controlnets]}
     )

@@ -14,9 +14,7 @@ for an SDXL base, as train_controlnet_sdxl.py's `compute_embeddings` precomputes
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -24,10 +22,19 @@ import ray.data
 
 from pixfleet.config import ConfigError
 from pixfleet.config.training import ControlNetTrainingArgs
-from pixfleet.data.tables import UnreadableImage, load_dataset_table, read_image_bytes, read_image_table
+from pixfleet.data.blocks import in_blocks
+from pixfleet.data.tables import (
+    RowLocator,
+    TablePlan,
+    UnreadableImage,
+    load_dataset_table,
+    plan_table,
+    read_image_bytes,
+)
 from pixfleet.engine.images import RowError, decode_image
 from pixfleet.engine.preprocess import center_crop_plan, fit_image
 from pixfleet.models.registry import local_model
+from pixfleet.storage import Location
 from pixfleet.training.components import (
     SDXLPromptEncoder,
     base_is_sdxl,
@@ -41,20 +48,24 @@ MAX_IMAGE_PIXELS = 8192 * 8192
 
 
 def with_local_models(args: ControlNetTrainingArgs, registry_uri: str) -> ControlNetTrainingArgs:
-    """`args` with MLflow model URIs replaced by folders downloaded on this node: each worker
-    reads the registry itself, none needs the driver's disk."""
+    """`args` with MLflow model URIs and folders in object storage (models, a checkpoint to resume
+    from) replaced by copies downloaded on this node: each worker fetches them itself, none
+    needs the driver's disk."""
+    resume = args.resume_from_checkpoint
     return args.model_copy(
         update={
             "pretrained_model_name_or_path": local_model(args.pretrained_model_name_or_path, registry_uri),
             "controlnet_model_name_or_path": local_model(args.controlnet_model_name_or_path, registry_uri),
             "pretrained_vae_model_name_or_path": local_model(args.pretrained_vae_model_name_or_path, registry_uri),
+            "resume_from_checkpoint": resume if resume in (None, "latest") else local_model(resume, registry_uri),
         }
     )
 
 
-def training_table(args: ControlNetTrainingArgs) -> pd.DataFrame:
-    """The rows to train on (image columns as paths or bytes, captions, `source_ref`), read by the
-    driver; a table that cannot work fails here, before any worker starts."""
+def training_table(args: ControlNetTrainingArgs) -> TablePlan:
+    """Where the rows to train on are (files and chunks, never the rows): checked here, on the
+    driver, for the columns the step needs, so a table that cannot work fails before any worker
+    starts. Each rank's readers read their own rows (`RowLocator`)."""
     columns = {
         "image_column": args.image_column,
         "conditioning_image_column": args.conditioning_image_column,
@@ -62,22 +73,18 @@ def training_table(args: ControlNetTrainingArgs) -> pd.DataFrame:
     }
     image_columns = {args.image_column, args.conditioning_image_column}
     if args.dataset_name:
-        loaded = load_dataset_table(
-            args.dataset_name,
-            args.dataset_config_name,
-            args.cache_dir,
-            columns,
-            image_columns,
-            args.max_train_samples,
-            field="train.dataset_name",
+        plan = load_dataset_table(
+            args.dataset_name, args.dataset_config_name, args.cache_dir, columns, image_columns, "train.dataset_name"
         )
     else:
-        loaded = read_image_table(
-            Path(args.train_data_dir), columns, image_columns, args.max_train_samples, field="train.train_data_dir"
-        )
-    table = loaded.table[list(dict.fromkeys(columns.values()))].copy()
-    table["source_ref"] = loaded.refs
-    return table.reset_index(drop=True)
+        location = Location.of(args.train_data_dir)
+        plan = plan_table(location, columns, image_columns, field="train.train_data_dir")
+    return plan.limited(args.max_train_samples)
+
+
+def table_rows(plan: TablePlan, args: ControlNetTrainingArgs) -> int:
+    """Rows training uses: the (counted) table's, up to max_train_samples."""
+    return min(plan.num_rows, args.max_train_samples or plan.num_rows)
 
 
 @dataclass(frozen=True)
@@ -113,34 +120,50 @@ class DataPlan:
         return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
 
+BATCHES_PER_SPAN = 4096  # micro-batches one planning item covers: one permutation per epoch touched
+
+
 def planned_dataset(
     plan: DataPlan,
     rank: int,
     first_batch: int,
     num_batches: int,
-    table_ref: ray.ObjectRef,
+    table: TablePlan,
     args: ControlNetTrainingArgs,
     registry_uri: str,
 ) -> ray.data.Dataset:
     """This rank's micro-batches as one stream across epochs: one actor pool for the whole run
     and no restart between epochs, so the next epoch's first batches are ready on time.
 
-    Only row numbers travel through Ray Data; the preprocessing actors hold the table."""
-    rows = plan.rows(rank, first_batch, num_batches)
+    Only row numbers travel through Ray Data, expanded from spans of micro-batches in tasks and
+    cut into blocks of two micro-batches (the first batch is ready after two micro-batches'
+    work); the preprocessing actors read the rows they are given (`RowLocator`)."""
     ray.data.DataContext.get_current().execution_options.preserve_order = True
+    spans = [
+        {"first": start, "count": min(BATCHES_PER_SPAN, first_batch + num_batches - start)}
+        for start in range(first_batch, first_batch + num_batches, BATCHES_PER_SPAN)
+    ]
     # from_items builds its blocks here: from_numpy and from_pandas would start tasks of a whole
     # CPU each, which a cluster whose CPUs the train workers hold never runs (a silent hang).
-    # Small blocks: the first batch is ready after two micro-batches' work.
-    return ray.data.from_items(
-        [{"row": int(row)} for row in rows], override_num_blocks=max(1, math.ceil(len(rows) / (2 * plan.batch_size)))
-    ).map_batches(
+    rows = ray.data.from_items(spans).flat_map(_SpanRows(plan, rank), num_cpus=PREPROCESS_CPUS / 2)
+    return in_blocks(rows, 2 * plan.batch_size, PREPROCESS_CPUS / 2).map_batches(
         PlannedRows,
-        fn_constructor_args=(args, registry_uri, [table_ref]),  # in a list: Ray must not resolve it early
+        fn_constructor_args=(args, registry_uri, table),
         batch_size=plan.batch_size,
         batch_format="pandas",
         num_cpus=PREPROCESS_CPUS,
         compute=ray.data.ActorPoolStrategy(size=max(1, args.dataloader_num_workers)),
     )
+
+
+class _SpanRows:
+    """A span of a rank's micro-batches -> its table row numbers, in order."""
+
+    def __init__(self, plan: DataPlan, rank: int):
+        self.plan, self.rank = plan, rank
+
+    def __call__(self, span: dict) -> list[dict]:
+        return [{"row": int(row)} for row in self.plan.rows(self.rank, span["first"], span["count"])]
 
 
 def empty_prompt_chosen(seed: int | None, source_ref: str, proportion: float) -> bool:
@@ -215,9 +238,9 @@ class TrainPreprocess:
 class PlannedRows:
     """Callable class for a rank's actor pool: table row numbers in, training examples out."""
 
-    def __init__(self, args: ControlNetTrainingArgs, registry_uri: str, table_ref: list[ray.ObjectRef]):
-        self.table: pd.DataFrame = ray.get(table_ref[0])
+    def __init__(self, args: ControlNetTrainingArgs, registry_uri: str, table: TablePlan):
+        self.rows = RowLocator(table)
         self.preprocess = TrainPreprocess(args, registry_uri)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        return self.preprocess(self.table.iloc[batch["row"].to_numpy()].reset_index(drop=True))
+        return self.preprocess(self.rows.rows(batch["row"]))

@@ -19,6 +19,8 @@ import torch
 
 from pixfleet.cluster import quiet_ray_data
 from pixfleet.config.training import ControlNetTrainingArgs, TrainingJobConfig
+from pixfleet.data.tables import TablePlan
+from pixfleet.storage import Location
 from pixfleet.tracking import format_duration
 from pixfleet.training.components import load_components
 from pixfleet.training.data import DataPlan, planned_dataset, with_local_models
@@ -36,8 +38,8 @@ class LoopInputs:
     """What the driver hands every worker (Ray passes it inside `train_loop_config`)."""
 
     job: TrainingJobConfig
-    table_ref: Any  # ray.ObjectRef of the training table (`data.training_table`)
-    num_rows: int
+    table: TablePlan  # where the rows are (`data.training_table`), counted
+    num_rows: int  # of them, training uses
     registry_uri: str = ""  # where MLflow model URIs in the args resolve
     mlflow_tracking_uri: str | None = None
     mlflow_run_id: str | None = None
@@ -113,7 +115,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     accumulation = args.gradient_accumulation_steps
     first = global_step * accumulation
     dataset = planned_dataset(
-        plan, rank, first, (total_steps - global_step) * accumulation, inputs.table_ref, args, inputs.registry_uri
+        plan, rank, first, (total_steps - global_step) * accumulation, inputs.table, args, inputs.registry_uri
     )
     batches = dataset.iter_torch_batches(batch_size=args.train_batch_size, device=device, drop_last=True)
     generator = torch.Generator(device="cpu")
@@ -202,7 +204,7 @@ class _RankZeroTracker:
         if args.report_to in ("tensorboard", "all"):
             from tensorboardX import SummaryWriter  # Ray's own dependency: no TensorFlow needed
 
-            self.tensorboard = SummaryWriter(str(Path(args.output_dir) / args.logging_dir / inputs.job.name))
+            self.tensorboard = SummaryWriter((Location.of(args.output_dir) / args.logging_dir / inputs.job.name).uri)
         self.start = time.perf_counter()
         self.first_step: int | None = None
         self.last_print = float("-inf")

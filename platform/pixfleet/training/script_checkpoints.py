@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from pixfleet.config import ConfigError
+from pixfleet.storage import Location
 
 CONTROLNET_DIR = "controlnet"
 OPTIMIZER_STATE = "optimizer.bin"
@@ -25,7 +26,9 @@ _NAME = re.compile(r"checkpoint-(\d+)")
 
 
 def is_script_checkpoint(folder: str | Path) -> bool:
-    return bool(_NAME.fullmatch(Path(folder).name)) and (Path(folder) / CONTROLNET_DIR / "config.json").is_file()
+    """A `checkpoint-N/` the scripts write (looked at where it lies, a bucket too, unfetched)."""
+    location = Location.of(folder)
+    return bool(_NAME.fullmatch(location.name)) and (location / CONTROLNET_DIR / "config.json").is_file()
 
 
 def script_checkpoint_controlnet(folder: str | Path) -> str:

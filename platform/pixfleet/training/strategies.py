@@ -19,6 +19,7 @@ import torch
 
 from pixfleet.config.training import ControlNetTrainingArgs, DistributedConfig
 from pixfleet.errors import UserError
+from pixfleet.storage import Location
 
 DDP_STATE = "ddp_state.pt"
 DEEPSPEED_TAG = "deepspeed"
@@ -70,7 +71,7 @@ def deepspeed_config(args: ControlNetTrainingArgs, dist: DistributedConfig, lear
         "steps_per_print": 10**9,
     }
     if dist.deepspeed_config:
-        config = _deep_merge(config, json.loads(Path(dist.deepspeed_config).read_text()))
+        config = _deep_merge(config, json.loads(Location.of(dist.deepspeed_config).read_text()))
     return config
 
 

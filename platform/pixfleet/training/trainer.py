@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import re
-import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pixfleet.cluster import ensure_ray
+from pixfleet.cluster import ensure_ray, run_beside
 from pixfleet.config import ConfigError
 from pixfleet.config.paths import is_mlflow_uri, looks_local
 from pixfleet.config.training import TrainingJobConfig
 from pixfleet.errors import UserError
 from pixfleet.models.loading import check_model_folder
-from pixfleet.models.registry import pin_version
+from pixfleet.models.registry import local_model, pin_version
+from pixfleet.storage import Location, check_writable
 from pixfleet.tracking import mlflow_run, tracking_uri
-from pixfleet.training.data import training_table, with_local_models
+from pixfleet.training.data import table_rows, training_table, with_local_models
 from pixfleet.training.loop import (
     CONTROLNET_DIR,
     VALIDATION_DIR,
@@ -64,14 +65,18 @@ def run_training(job: TrainingJobConfig, address: str | None = None) -> Training
     registry_uri = tracking_uri(job.tracking) if any(m and is_mlflow_uri(m) for m in models) else ""
     written = job.model_dump(mode="json")  # MLflow records the URIs as given; the versions beside them
     job = _with_pinned_versions(job, registry_uri)
-    if job.train.resume_from_checkpoint and is_script_checkpoint(job.train.resume_from_checkpoint):
-        # A diffusers script's checkpoint-N/: training starts from its ControlNet.
-        controlnet = script_checkpoint_controlnet(job.train.resume_from_checkpoint)
+    resume = job.train.resume_from_checkpoint
+    if resume not in (None, "latest") and is_script_checkpoint(resume):
+        # A diffusers script's checkpoint-N/: training starts from its ControlNet (each worker
+        # fetches it where the checkpoint lies in a bucket).
+        script_checkpoint_controlnet(local_model(resume, registry_uri))  # checked here, before any work
+        controlnet = (Location.of(resume) / CONTROLNET_DIR).uri
         job = job.model_copy(
             update={"train": job.train.model_copy(update={"controlnet_model_name_or_path": controlnet})}
         )
     args, dist = job.train, job.distributed
-    storage = Path(dist.storage_path)
+    storage = check_writable(dist.storage_path, "distributed.storage_path")
+    output = check_writable(args.output_dir, "train.output_dir")
 
     # 1. Check inputs before any work: model folders, data columns, the step budget, old runs.
     local = with_local_models(args, registry_uri)
@@ -84,11 +89,13 @@ def run_training(job: TrainingJobConfig, address: str | None = None) -> Training
             "to continue it, or choose another name"
         )
     table = training_table(args)
-    try:
-        total_steps = max_train_steps(args, len(table), dist.num_workers)
-    except ValueError as error:
-        raise ConfigError(f"train.train_batch_size: {error}") from None
+    if table.num_rows is not None:  # else counted below, by a task reading the table
+        _check_step_budget(args, table_rows(table, args), dist.num_workers)
     ensure_ray(address)
+    if table.num_rows is None:
+        table = ray.get(run_beside(table.with_counts))
+    num_rows = table_rows(table, args)
+    total_steps = _check_step_budget(args, num_rows, dist.num_workers)
 
     # 2. Train under one MLflow run; rank 0 logs into it.
     with mlflow_run(job.tracking, job.name, written) as mlflow:
@@ -101,8 +108,8 @@ def run_training(job: TrainingJobConfig, address: str | None = None) -> Training
             mlflow.log_params(pinned)
         inputs = LoopInputs(
             job=job,
-            table_ref=ray.put(table),  # each rank's preprocessing actors read their rows from it
-            num_rows=len(table),
+            table=table,  # where the rows are: each rank's preprocessing actors read their own
+            num_rows=num_rows,
             registry_uri=registry_uri,
             mlflow_tracking_uri=mlflow.get_tracking_uri() if mlflow else None,
             mlflow_run_id=mlflow.active_run().info.run_id if mlflow else None,
@@ -116,7 +123,8 @@ def run_training(job: TrainingJobConfig, address: str | None = None) -> Training
             ),
             run_config=ray.train.RunConfig(
                 name=job.name,
-                storage_path=str(storage),
+                storage_path=storage.path,
+                storage_filesystem=None if storage.is_local else storage.fs,
                 failure_config=ray.train.FailureConfig(max_failures=dist.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=args.checkpoints_total_limit),
             ),
@@ -128,29 +136,38 @@ def run_training(job: TrainingJobConfig, address: str | None = None) -> Training
             report = "\n".join([str(error), *(str(failure) for failure in failures.values())])
             raise TrainingFailed(f"training failed: {worker_reason(report)}") from error
 
-        # 3. The final ControlNet, in diffusers format, from the last checkpoint.
-        # Copied over what is there: TensorBoard logs (report_to) live beside the weights.
-        output_dir = Path(args.output_dir).resolve()
-        with result.checkpoint.as_directory() as folder:
-            shutil.copytree(Path(folder) / CONTROLNET_DIR, output_dir, dirs_exist_ok=True)
-            model_files = sorted(p.name for p in (Path(folder) / CONTROLNET_DIR).iterdir())
+        # 3. The final ControlNet, in diffusers format, from the last checkpoint, into output_dir
+        # (over what is there: TensorBoard logs, with report_to, live beside the weights).
         metrics = result.metrics or {}
         summary = TrainingSummary(
             steps=int(metrics.get("step", total_steps)),
             final_loss=metrics.get("loss"),
-            output_dir=str(output_dir),
+            output_dir=output.uri,
             checkpoint_path=result.checkpoint.path,
         )
+        with result.checkpoint.as_directory() as folder:
+            model = Path(folder) / CONTROLNET_DIR
+            output.upload_folder(model)
+            if mlflow:  # the model alone: the registry version points here
+                summary.mlflow_run_id = mlflow.active_run().info.run_id
+                mlflow.log_artifacts(str(model), artifact_path=CONTROLNET_DIR)
         if mlflow:
-            summary.mlflow_run_id = mlflow.active_run().info.run_id
             if args.validation_prompt:  # the grids rank 0 logged, beside the weights as the script keeps them
-                mlflow.artifacts.download_artifacts(
-                    run_id=summary.mlflow_run_id, artifact_path=VALIDATION_DIR, dst_path=str(output_dir)
-                )
-            for name in model_files:  # the model alone: the registry version points here
-                mlflow.log_artifact(str(output_dir / name), artifact_path=CONTROLNET_DIR)
+                with tempfile.TemporaryDirectory() as grids:
+                    mlflow.artifacts.download_artifacts(
+                        run_id=summary.mlflow_run_id, artifact_path=VALIDATION_DIR, dst_path=grids
+                    )
+                    output.upload_folder(Path(grids))
             summary.model_version = _register(mlflow, job, summary.mlflow_run_id)
     return summary
+
+
+def _check_step_budget(args, num_rows: int, num_workers: int) -> int:
+    """The run's optimizer steps; ConfigError when the rows cannot fill a batch on every worker."""
+    try:
+        return max_train_steps(args, num_rows, num_workers)
+    except ValueError as error:
+        raise ConfigError(f"train.train_batch_size: {error}") from None
 
 
 _EXCEPTION_LINE = re.compile(r"^\s*(?:[\w.]+\.)?(\w+(?:Error|Exception)): (.+)$")
@@ -166,8 +183,11 @@ def worker_reason(text: str) -> str:
 
 
 def _with_absolute_paths(job: TrainingJobConfig) -> TrainingJobConfig:
+    """Local paths made absolute (workers may not share the driver's working directory); hub
+    ids and URIs as they are."""
+
     def absolute(value: str | None) -> str | None:
-        return str(Path(value).expanduser().resolve()) if value and looks_local(value) else value
+        return Location.of(value).uri if value and looks_local(value) else value
 
     args = job.train
     train = args.model_copy(

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 
 from pixfleet.config.training import ControlNetTrainingArgs
+from pixfleet.data.tables import read_image_bytes
 
 if TYPE_CHECKING:
     from pixfleet.training.components import Components
@@ -33,7 +35,7 @@ def validation_grid(parts: Components, controlnet, args: ControlNetTrainingArgs)
     controlnet.eval()
     rows = []
     for prompt, image_path in validation_pairs(args):
-        control = Image.open(image_path).convert("RGB").resize((size, size))
+        control = Image.open(io.BytesIO(read_image_bytes(image_path))).convert("RGB").resize((size, size))
         generator = torch.Generator().manual_seed(args.seed or 0)
         images = pipe(
             [prompt] * args.num_validation_images,

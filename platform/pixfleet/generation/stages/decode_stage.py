@@ -11,6 +11,7 @@ keeps a manifest row of its own (two empty files do not share the id of "no byte
 from __future__ import annotations
 
 import json
+from collections.abc import Container
 from typing import Any
 
 import pandas as pd
@@ -37,7 +38,7 @@ class DecodeStage:
         job: GenerationJobConfig,
         image_labels: dict[str, str],
         job_fingerprint: str,
-        finished_row_ids: frozenset[str] = frozenset(),
+        finished_row_ids: Container[str] = frozenset(),
     ):
         self.task = job.model.task
         self.image_labels = image_labels  # canonical image column -> the user's name for it
@@ -75,6 +76,8 @@ class DecodeStage:
             if row_id in self.finished_row_ids:
                 return self._without_images({**out, C.STATUS: C.SKIPPED}, params)
             load_errors = json.loads(row[C.LOAD_ERRORS])
+            if C.UNREADABLE_ROW in load_errors:
+                raise RowError(load_errors[C.UNREADABLE_ROW])
             for column, data in zip(self.image_columns, raw_images, strict=True):
                 label = self.image_labels[column]
                 if data is None:

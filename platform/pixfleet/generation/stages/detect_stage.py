@@ -19,6 +19,7 @@ from pixfleet.engine import columns as C
 from pixfleet.engine.images import one_line
 from pixfleet.generation.sink import save_control_map
 from pixfleet.generation.stages import PlannedStage
+from pixfleet.storage import Location
 
 
 class DetectStage:
@@ -32,7 +33,7 @@ class DetectStage:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.controls = controls
         self.detectors = {column: load_detector(control, device) for column, control in controls.items()}
-        self.sink = sink if sink and sink.save_control_maps else None
+        self.control_maps = Location.of(sink.output_dir) if sink and sink.save_control_maps else None
         self.needs = self.columns_needed(controls)
 
     @classmethod
@@ -66,10 +67,10 @@ class DetectStage:
             for row, image in zip(rows, maps, strict=True):
                 if image is not None:
                     batch.at[row, column] = image
-        if self.sink:
+        if self.control_maps:
             for row in batch[batch[C.STATUS] == C.OK].to_dict("records"):
                 for column in self.detectors:
-                    save_control_map(self.sink, row[C.ROW_ID], C.control_index(column), row[column])
+                    save_control_map(self.control_maps, row[C.ROW_ID], C.control_index(column), row[column])
         return batch
 
     def _one(self, batch: pd.DataFrame, row, column: str):

@@ -19,6 +19,7 @@ from pixfleet.engine import columns as C
 from pixfleet.engine.preprocess import control_for, detect, fit_image
 from pixfleet.generation.sink import save_control_map
 from pixfleet.generation.stages import PlannedStage
+from pixfleet.storage import Location
 
 
 class PreprocessStage:
@@ -27,7 +28,7 @@ class PreprocessStage:
     def __init__(self, config: PreprocessConfig, image_columns: list[str], sink: SinkConfig | None = None):
         self.config = config
         self.image_columns = image_columns
-        self.sink = sink if sink and sink.save_control_maps else None
+        self.control_maps = Location.of(sink.output_dir) if sink and sink.save_control_maps else None
         self.needs = self.columns_needed(image_columns)
 
     @classmethod
@@ -54,7 +55,7 @@ class PreprocessStage:
                 self.prepare(column, image) if status == C.OK else image
                 for image, status in zip(batch[column], batch[C.STATUS], strict=True)
             ]
-        if self.sink:
+        if self.control_maps:
             self._save_control_maps(batch)
         return batch
 
@@ -63,7 +64,7 @@ class PreprocessStage:
             for column in self.image_columns:
                 control = control_for(self.config.control, column)
                 if control is not None and not control.uses_model:
-                    save_control_map(self.sink, row[C.ROW_ID], C.control_index(column), row[column])
+                    save_control_map(self.control_maps, row[C.ROW_ID], C.control_index(column), row[column])
 
     def prepare(self, column: str, image: np.ndarray) -> np.ndarray:
         config = self.config

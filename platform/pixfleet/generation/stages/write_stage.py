@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
@@ -23,13 +22,14 @@ from pixfleet.generation.sink import (
     DRIVER_COLUMNS,
     MANIFEST_SCHEMA,
     PARAM_COLUMNS,
-    atomic_write,
-    control_map_path,
+    PARTS_DIR,
+    control_map_location,
     output_name,
 )
 from pixfleet.generation.stages import LIGHT_CPU, PlannedStage
 from pixfleet.generation.stages.encode_stage import ENCODED
 from pixfleet.models.identity import ModelIdentity, short_hash
+from pixfleet.storage import Location
 
 
 class WriteStage:
@@ -57,7 +57,7 @@ class WriteStage:
     def __init__(self, config: SinkConfig, model: ModelIdentity, num_controlnets: int):
         self.config = config
         self.control_maps = num_controlnets if config.save_control_maps else 0
-        self.root = Path(config.output_dir)
+        self.root = Location.of(config.output_dir)
         self.extension = "jpg" if config.image_format == "jpeg" else config.image_format
         self.model = json.dumps(model.as_dict(), sort_keys=True)
         self.model_hash = short_hash(model.base_model_hash)
@@ -75,9 +75,12 @@ class WriteStage:
             path, control_maps = "", []
             if row[C.STATUS] == C.OK:
                 name = output_name(row[C.ROW_ID], row[C.IMAGE_INDEX], params["num_images_per_prompt"])
-                path = str(self.root / "images" / f"{name}.{self.extension}")
-                atomic_write(Path(path), row[ENCODED])
-                control_maps = [str(control_map_path(self.config, row[C.ROW_ID], i)) for i in range(self.control_maps)]
+                image = self.root / "images" / f"{name}.{self.extension}"
+                image.write_bytes(row[ENCODED])
+                path = image.uri
+                control_maps = [
+                    control_map_location(self.root, row[C.ROW_ID], i).uri for i in range(self.control_maps)
+                ]
             records.append(
                 {
                     **{name: params.get(name) for name in PARAM_COLUMNS},
@@ -101,5 +104,5 @@ class WriteStage:
             table = pa.Table.from_pylist(written, schema=MANIFEST_SCHEMA)
             sink = pa.BufferOutputStream()
             pq.write_table(table, sink)
-            atomic_write(self.root / "manifest" / f"part-{digest}.parquet", sink.getvalue().to_pybytes())
+            (self.root / PARTS_DIR / f"part-{digest}.parquet").write_bytes(sink.getvalue().to_pybytes())
         return pd.DataFrame(records)[list(DRIVER_COLUMNS)]
