@@ -46,6 +46,18 @@ RayProgressOption = Annotated[
 EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM; user errors exit with their own code (2, or 3)
 
 
+@app.callback()
+def main(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", help="Also show the libraries' loading bars and logs.")
+    ] = False,
+) -> None:
+    """Controlled image generation at dataset scale on Ray."""
+    from pixfleet.console import set_verbose
+
+    set_verbose(verbose)
+
+
 def _fail(message: str, code: int = UserError.exit_code) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)

@@ -11,6 +11,7 @@ from diffusers import ControlNetModel, MultiControlNetModel
 
 from pixfleet.config.model import ModelSpec
 from pixfleet.config.paths import looks_local
+from pixfleet.console import quiet_model_loading
 from pixfleet.errors import UserError
 from pixfleet.models.optimizations import apply_optimizations
 from pixfleet.models.schedulers import swap_scheduler
@@ -106,6 +107,7 @@ def fetch_model_files(spec: ModelSpec) -> ModelSpec:
 
 def load_pipeline(spec: ModelSpec) -> diffusers.DiffusionPipeline:
     """Load `spec` through `from_pretrained`, then apply scheduler, switches and adapters."""
+    quiet_model_loading()
     spec = fetch_model_files(spec)
     check_model_folders(spec)
     info = task_info(spec.task)
