@@ -61,12 +61,11 @@ def ensure_ray(address: str | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
         return
+    # Ray warns at every start that it turned authentication on, with advice to turn it off:
+    # pixfleet keeps it on, so the advice stays out of the job's console.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
     token = Path.home() / ".ray" / "auth_token"
-    if "RAY_AUTH_MODE" not in os.environ and token.is_file():
-        # Set up by an earlier run: saying so keeps Ray from warning, at every start, that it
-        # turned authentication on (with advice to turn it off).
-        os.environ["RAY_AUTH_MODE"] = "token"
-    ray.init(address="local", include_dashboard=False)
     if token.is_file() and token.stat().st_uid == os.getuid():
         token.chmod(0o600)  # Ray writes it world-readable; it is a credential
     _watch_for_a_killed_driver()

@@ -239,7 +239,9 @@ def _plan_parquet(where: Location, files: list[Location], base: Location, field:
 
     with ThreadPoolExecutor(LISTING_THREADS) as pool:
         footers = list(pool.map(footer, files))
-    names = footers[0].schema.to_arrow_schema().names
+    schema = footers[0].schema.to_arrow_schema()
+    names = schema.names
+    empty = {field.name for field in schema if pa.types.is_null(field.type)}  # no value in any row
     chunks, filled = [], set()
     for index, metadata in enumerate(footers):
         first = 1
@@ -253,7 +255,7 @@ def _plan_parquet(where: Location, files: list[Location], base: Location, field:
                 if rows and (stats is None or not stats.has_null_count or stats.null_count < rows):
                     filled.add(column.path_in_schema.split(".")[0])
     columns, renames = _renamed(names)
-    filled = {renames.get(c, c) for c in filled}
+    filled = {renames.get(c, c) for c in filled - empty}
     return TablePlan(
         str(where), "parquet", tuple(files), tuple(chunks), columns, frozenset(filled), base, renames=renames
     )

@@ -50,7 +50,7 @@ from pixfleet.data.tables import (
 )
 from pixfleet.engine import columns as C
 from pixfleet.models.tasks import task_info, unused_parameters
-from pixfleet.storage import Location, StorageError, check_readable
+from pixfleet.storage import Location, StorageError, check_readable, is_uri
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # Reads must fit beside the actors that hold whole CPUs, or Ray Data waits forever. Listing and
@@ -362,9 +362,12 @@ class _LoadImageFiles:
 
 
 def _images_of(cells: pd.Series) -> Iterator[bytes | UnreadableImage]:
-    """Each cell's bytes, or why not; files are fetched a few at a time (an object store answers
-    each GET in milliseconds, not microseconds)."""
-    return _fetch_pool().map(_image_or_reason, cells)
+    """Each cell's bytes, or why not. Files in a store are fetched a few at a time (it answers
+    each GET in milliseconds); local ones in a plain loop, where threads would only add their
+    own cost."""
+    if any(isinstance(cell, str) and is_uri(cell) for cell in cells):
+        return _fetch_pool().map(_image_or_reason, cells)
+    return map(_image_or_reason, cells)
 
 
 def _image_or_reason(value: Any) -> bytes | UnreadableImage:
