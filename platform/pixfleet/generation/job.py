@@ -33,6 +33,7 @@ from pixfleet.tracking import mlflow_run, tracking_uri
 
 SHOWN_FAILURES = 5
 MIN_ROWS_FOR_BUDGET = 100  # rows seen before a source of unknown size can be judged by its failures
+DRY_RUN_BLOCK_BYTES, DRY_RUN_MAX_BLOCK_ROWS = 64 << 20, 2048
 
 
 class TooManyFailures(UserError, RuntimeError):
@@ -126,7 +127,8 @@ def run_generation(
     model = ModelIdentity.of(local, named=job.model)
     ensure_ray(address)
     quiet_ray_data(ray_progress)
-    source = open_source(job.source, job.model.task, job.model.num_controlnets, job.resources.rows_per_block)
+    rows_per_block = dry_run_rows_per_block(job) if dry_run else job.resources.rows_per_block
+    source = open_source(job.source, job.model.task, job.model.num_controlnets, rows_per_block)
     output = check_writable(job.sink.output_dir, "sink.output_dir")
 
     # 2. Resume: rows an earlier run wrote are skipped. A task builds the index; this process
@@ -167,6 +169,13 @@ def run_generation(
             if mlflow:
                 _log_run(mlflow, summary, merged, target)
     return summary
+
+
+def dry_run_rows_per_block(job: GenerationJobConfig) -> int:
+    """A dry run's blocks: no GPU batch to match, so as many rows as 64 MiB of fitted images
+    hold (up to 2,048): each block costs every stage a task, and these stages are light."""
+    image_bytes = job.preprocess.width * job.preprocess.height * 3 * max(1, job.model.num_controlnets)
+    return max(job.resources.rows_per_block, min(DRY_RUN_MAX_BLOCK_ROWS, DRY_RUN_BLOCK_BYTES // image_bytes))
 
 
 def with_locations(job: GenerationJobConfig) -> GenerationJobConfig:

@@ -6,6 +6,8 @@ saves checkpoints (DeepSpeed shards its optimizer state across them).
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import json
 import resource
 import tempfile
@@ -24,7 +26,11 @@ from pixfleet.storage import Location
 from pixfleet.tracking import format_duration
 from pixfleet.training.components import load_components
 from pixfleet.training.data import DataPlan, planned_dataset, with_local_models
-from pixfleet.training.script_checkpoints import is_script_checkpoint, load_script_checkpoint
+from pixfleet.training.script_checkpoints import (
+    is_script_checkpoint,
+    load_script_checkpoint,
+    script_checkpoint_step,
+)
 from pixfleet.training.strategies import DDPStrategy, DeepSpeedStrategy
 from pixfleet.training.validation import validation_grid
 
@@ -76,48 +82,59 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    started = time.perf_counter()
 
-    # 1. Components, learning rate and the step budget.
-    if args.seed is not None:
-        torch.manual_seed(args.seed)  # same ControlNet init on every rank
-    parts = load_components(args, device)
-    total_steps = max_train_steps(args, inputs.num_rows, world_size)
-    learning_rate = args.learning_rate
-    if args.scale_lr:
-        learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * world_size
-
-    # 2. The strategy wraps the ControlNet: DDP or a DeepSpeed engine.
-    if job.distributed.strategy == "deepspeed":
-        strategy = DeepSpeedStrategy(parts.controlnet, args, job.distributed, learning_rate, total_steps)
-    else:
-        strategy = DDPStrategy(parts.controlnet, args, learning_rate, total_steps)
-
-    # 3. Resume: a restarted worker group or a rerun gets Ray Train's latest checkpoint.
-    global_step = 0
+    # 1. Where this run starts: the step of Ray Train's latest checkpoint (a restarted worker
+    # group, or a rerun of the same name), of a diffusers script's checkpoint-N/, or 0.
     checkpoint = ray.train.get_checkpoint()
+    script_checkpoint = None
     if checkpoint is None and args.resume_from_checkpoint not in (None, "latest"):
-        if is_script_checkpoint(args.resume_from_checkpoint):  # its ControlNet is already loaded
-            global_step = load_script_checkpoint(strategy, args.resume_from_checkpoint)
+        if is_script_checkpoint(args.resume_from_checkpoint):  # its ControlNet is loaded as the start
+            script_checkpoint = args.resume_from_checkpoint
         else:
             checkpoint = ray.train.Checkpoint.from_directory(args.resume_from_checkpoint)
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            strategy.load(Path(folder))
-            state = json.loads((Path(folder) / TRAINER_STATE).read_text())
-        global_step = state["global_step"]
+    with contextlib.ExitStack() as stack:
+        folder = Path(stack.enter_context(checkpoint.as_directory())) if checkpoint else None
+        if folder:
+            global_step = json.loads((folder / TRAINER_STATE).read_text())["global_step"]
+        else:
+            global_step = script_checkpoint_step(script_checkpoint) if script_checkpoint else 0
+        total_steps = max_train_steps(args, inputs.num_rows, world_size)
+
+        # 2. The data stream starts now: its preprocessing actors start, load the tokenizer (or
+        # the text encoders) and make the first batch while this worker loads the models. This
+        # worker's micro-batches from the one after the checkpoint, in the plan's order.
+        quiet_ray_data(ray_progress=False)
+        plan = DataPlan(inputs.num_rows, world_size, args.train_batch_size, args.seed or 0)
+        accumulation = args.gradient_accumulation_steps
+        first = global_step * accumulation
+        dataset = planned_dataset(
+            plan, rank, first, (total_steps - global_step) * accumulation, inputs.table, args, inputs.registry_uri
+        )
+        batches = FirstBatchEarly(
+            dataset.iter_torch_batches(batch_size=args.train_batch_size, device=device, drop_last=True)
+        )
+
+        # 3. Components, learning rate, and the strategy around the ControlNet: DDP or DeepSpeed.
+        if args.seed is not None:
+            torch.manual_seed(args.seed)  # same ControlNet init on every rank
+        parts = load_components(args, device)
+        learning_rate = args.learning_rate
+        if args.scale_lr:
+            learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * world_size
+        if job.distributed.strategy == "deepspeed":
+            strategy = DeepSpeedStrategy(parts.controlnet, args, job.distributed, learning_rate, total_steps)
+        else:
+            strategy = DDPStrategy(parts.controlnet, args, learning_rate, total_steps)
+        if folder:
+            strategy.load(folder)
+        elif script_checkpoint:
+            load_script_checkpoint(strategy, script_checkpoint)
+    models_ready = time.perf_counter() - started
     tracker = _RankZeroTracker(inputs) if rank == 0 else None
 
-    # 4. The loop: this worker's micro-batches from the one after the checkpoint, in the plan's
-    # order, accumulated into steps. Each micro-batch's noise is seeded by its own index, so a
-    # resumed run draws what an uninterrupted one would.
-    quiet_ray_data(ray_progress=False)
-    plan = DataPlan(inputs.num_rows, world_size, args.train_batch_size, args.seed or 0)
-    accumulation = args.gradient_accumulation_steps
-    first = global_step * accumulation
-    dataset = planned_dataset(
-        plan, rank, first, (total_steps - global_step) * accumulation, inputs.table, args, inputs.registry_uri
-    )
-    batches = dataset.iter_torch_batches(batch_size=args.train_batch_size, device=device, drop_last=True)
+    # 4. The loop: micro-batches accumulated into steps. Each micro-batch's noise is seeded by
+    # its own index, so a resumed run draws what an uninterrupted one would.
     generator = torch.Generator(device="cpu")
     start = time.perf_counter()
     for micro_batch, batch in enumerate(batches, start=first):
@@ -140,6 +157,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "epoch": micro_batch // plan.batches_per_epoch,
         }
         if tracker:
+            if tracker.first_step is None:  # where the start-up went, once
+                print(
+                    f"rank 0 at its first step after {time.perf_counter() - started:.1f} s: models and strategy "
+                    f"{models_ready:.1f} s, meanwhile the data stream (first batch after {batches.first_s:.1f} s)",
+                    flush=True,
+                )
             tracker.log_metrics(metrics, global_step)
             tracker.print_step(global_step, total_steps, metrics)
         # Every validation_steps, and once at the end as the script's final validation.
@@ -157,6 +180,28 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             _report_with_checkpoint(strategy, metrics, rank, global_step)
         if global_step >= total_steps:
             break
+
+
+class FirstBatchEarly:
+    """An iterable of batches whose first one is fetched in a thread from the moment it is
+    made, so that the stream's start (actors, tokenizer, first reads) overlaps other work."""
+
+    def __init__(self, batches):
+        self.batches = iter(batches)
+        self.made = time.perf_counter()
+        self.first_s = float("nan")  # seconds from this object's making to its first batch
+        self.first = concurrent.futures.ThreadPoolExecutor(1).submit(self._first)
+
+    def _first(self):
+        batch = next(self.batches, None)
+        self.first_s = time.perf_counter() - self.made
+        return batch
+
+    def __iter__(self):
+        first = self.first.result()
+        if first is not None:
+            yield first
+            yield from self.batches
 
 
 def _report_with_checkpoint(strategy, metrics: dict, rank: int, global_step: int) -> None:

@@ -39,10 +39,15 @@ def script_checkpoint_controlnet(folder: str | Path) -> str:
     return str(path)
 
 
+def script_checkpoint_step(folder: str | Path) -> int:
+    """The optimizer steps the script had made: N of checkpoint-N."""
+    return int(_NAME.fullmatch(Path(folder).name).group(1))
+
+
 def load_script_checkpoint(strategy, folder: str | Path) -> int:
     """The schedule (and, with the ddp strategy, the optimizer) restored; the step reached."""
     folder = Path(folder)
-    step = int(_NAME.fullmatch(folder.name).group(1))
+    step = script_checkpoint_step(folder)
     if (folder / SCHEDULER_STATE).is_file():
         strategy.lr_scheduler.load_state_dict(torch.load(folder / SCHEDULER_STATE, weights_only=False))
     optimizer = getattr(strategy, "optimizer", None)
