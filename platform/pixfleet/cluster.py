@@ -48,7 +48,8 @@ AGENT_WAIT_S = 60
 
 
 def ensure_ray(address: str | None = None) -> None:
-    """Connect to `address` (or $RAY_ADDRESS), or start an embedded local Ray (no dashboard).
+    """Connect to `address` (or $RAY_ADDRESS), or start an embedded local Ray (its dashboard on
+    127.0.0.1).
 
     The embedded Ray keeps Ray's token authentication on: Ray generates the token for a local
     cluster (`~/.ray/auth_token`, readable by its owner only) and its own processes use it; a
@@ -64,7 +65,10 @@ def ensure_ray(address: str | None = None) -> None:
     # Ray warns at every start that it turned authentication on, with advice to turn it off:
     # pixfleet keeps it on, so the advice stays out of the job's console.
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+    # The dashboard process serves Ray's state API, which Ray Train's placement-group cleaner asks
+    # every second (without it, it warns every second and cannot free a dead run's resources);
+    # on loopback only, behind the token like the rest.
+    ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
     token = Path.home() / ".ray" / "auth_token"
     if token.is_file() and token.stat().st_uid == os.getuid():
         token.chmod(0o600)  # Ray writes it world-readable; it is a credential

@@ -10,7 +10,9 @@ prompt embeddings, the pooled embedding and the micro-conditioning ids from the 
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from functools import cache
 
 import numpy as np
@@ -25,6 +27,10 @@ SDXL_INTERPOLATION = "lanczos"  # train_controlnet_sdxl.py: --image_interpolatio
 
 @cache
 def _is_sdxl(base: str, revision: str | None, cache_dir: str | None) -> bool:
+    index = os.path.join(base, "model_index.json")
+    if os.path.isfile(index):  # a folder: read as is, without importing diffusers' pipelines (seconds)
+        with open(index) as f:
+            return "text_encoder_2" in json.load(f)
     from diffusers import DiffusionPipeline
 
     return "text_encoder_2" in DiffusionPipeline.load_config(base, revision=revision, cache_dir=cache_dir)

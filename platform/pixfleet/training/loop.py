@@ -10,6 +10,7 @@ import concurrent.futures
 import contextlib
 import json
 import resource
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -158,10 +159,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         }
         if tracker:
             if tracker.first_step is None:  # where the start-up went, once
-                print(
+                say(
                     f"rank 0 at its first step after {time.perf_counter() - started:.1f} s: models and strategy "
-                    f"{models_ready:.1f} s, meanwhile the data stream (first batch after {batches.first_s:.1f} s)",
-                    flush=True,
+                    f"{models_ready:.1f} s, meanwhile the data stream (first batch after {batches.first_s:.1f} s)"
                 )
             tracker.log_metrics(metrics, global_step)
             tracker.print_step(global_step, total_steps, metrics)
@@ -180,6 +180,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             _report_with_checkpoint(strategy, metrics, rank, global_step)
         if global_step >= total_steps:
             break
+
+
+def say(line: str) -> None:
+    """A line for the driver's console. Ray Train patches `print` in its workers to log as well
+    as print, which Ray forwards twice; a write to stdout goes once."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 class FirstBatchEarly:
@@ -263,10 +270,9 @@ class _RankZeroTracker:
         self.last_print = now
         done = step - self.first_step
         eta = format_duration((total - step) * (now - self.start) / done) if done and step < total else "-"
-        print(
+        say(
             f"step {step}/{total} | loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | "
-            f"{metrics['samples_per_second']:.1f} samples/s | ETA {eta}",
-            flush=True,
+            f"{metrics['samples_per_second']:.1f} samples/s | ETA {eta}"
         )
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
