@@ -126,9 +126,11 @@ def fill50k_dir(project_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray for the session, sized like the CI machine."""
+    """One local Ray for the session, sized like the CI machine. With its dashboard (on loopback)
+    as the embedded Ray has it: Ray Train's placement-group cleaner asks its state API whether
+    the controller lives, and without one polls, and warns, every second for the session."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1")
     yield
     ray.shutdown()

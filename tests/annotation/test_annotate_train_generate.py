@@ -74,7 +74,13 @@ def test_photos_to_training_set_to_controlnet_to_images(tiny_dir, tmp_path):
                     "lr_warmup_steps": 0,
                     "seed": 0,
                 },
-                "distributed": {"strategy": "ddp", "num_workers": 1, "storage_path": str(tmp_path / "ray_train")},
+                "distributed": {  # the 8 GB recipe: ZeRO-2, optimizer states on the CPU
+                    "strategy": "deepspeed",
+                    "zero_stage": 2,
+                    "offload_optimizer": True,
+                    "num_workers": 1,
+                    "storage_path": str(tmp_path / "ray_train"),
+                },
                 "tracking": tracking,
                 "registry": {"model_name": "depth-controlnet", "alias": "challenger"},
             }

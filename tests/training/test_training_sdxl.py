@@ -89,8 +89,11 @@ def test_crop_coordinates_come_in_pairs_and_npu_attention_is_refused(tiny_dir, s
 
 
 @pytest.mark.usefixtures("ray_session")
-def test_sdxl_zero2_loss_falls_resumes_the_step_count_and_loads_in_plain_diffusers(tiny_dir, sdxl_data, tmp_path):
-    from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
+def test_sdxl_zero3_offload_loss_falls_resumes_both_ranks_and_saves_whole_weights(tiny_dir, sdxl_data, tmp_path):
+    # The multi-worker DeepSpeed run of the suite: ZeRO-3 partitions parameters and optimizer
+    # states across the two ranks (both offloaded to CPU), each rank resumes its own shards, and
+    # the saved ControlNet is whole. ZeRO-2 with optimizer offload trains in the annotate loop test.
+    from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline, UNet2DConditionModel
 
     image = str(sdxl_data / "conditioning_images" / "000000.png")
     job = TrainingJobConfig.model_validate(
@@ -106,7 +109,14 @@ def test_sdxl_zero2_loss_falls_resumes_the_step_count_and_loads_in_plain_diffuse
                 "max_train_steps": 8,
                 "checkpointing_steps": 8,
             },
-            "distributed": {"strategy": "deepspeed", "num_workers": 2, "storage_path": str(tmp_path / "ray_train")},
+            "distributed": {
+                "strategy": "deepspeed",
+                "num_workers": 2,
+                "zero_stage": 3,
+                "offload_optimizer": True,
+                "offload_param": True,
+                "storage_path": str(tmp_path / "ray_train"),
+            },
             "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "tests"},
             "registry": {"model_name": "tiny-sdxl-controlnet", "alias": "champion"},
         }
@@ -137,6 +147,13 @@ def test_sdxl_zero2_loss_falls_resumes_the_step_count_and_loads_in_plain_diffuse
     # The result loads into a plain SDXL ControlNet pipeline and generates; the registry has it.
     controlnet = ControlNetModel.from_pretrained(second.output_dir)
     assert controlnet.config.addition_embed_type == "text_time"
+    initial = ControlNetModel.from_unet(
+        UNet2DConditionModel.from_pretrained(str(tiny_dir / "sdxl_controlnet" / "unet")),
+        conditioning_embedding_out_channels=(16, 32),
+    ).state_dict()
+    trained = controlnet.state_dict()
+    assert {k: v.shape for k, v in trained.items()} == {k: v.shape for k, v in initial.items()}
+    assert not torch.equal(trained["controlnet_mid_block.weight"], initial["controlnet_mid_block.weight"])
     pipe = StableDiffusionXLControlNetPipeline.from_pretrained(
         str(tiny_dir / "sdxl_controlnet"), controlnet=controlnet
     )
