@@ -20,7 +20,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from pixfleet.engine import columns as C
-from pixfleet.generation.sink import MANIFEST_FILE
+from pixfleet.generation.sink import MANIFEST_FILE, Manifest, MergeResult
 from pixfleet.storage import Location
 
 PAGE_ROWS = 200
@@ -152,3 +152,13 @@ def _row(root: Location, row: dict, eager: bool) -> str:
         f"<td>{images(row['outputs'])}</td><td>{html.escape(str(row[C.PROMPT]))}</td><td>{seeds}</td>"
         f'<td class="params">{html.escape(json.dumps(params))}<br>{html.escape(str(row[C.SOURCE_REF]))}</td></tr>'
     )
+
+
+def finish_output(target: Location, gallery: bool) -> MergeResult:
+    """The end of a job: its manifest parts merged, then the gallery over the merged manifest.
+    A task of its own, in a module that imports neither torch nor diffusers (a worker that
+    imported the job's module paid seconds for them before merging)."""
+    result = Manifest(target).merge()
+    if gallery:
+        write_gallery(target)
+    return result

@@ -20,10 +20,10 @@ from pixfleet.cluster import ensure_ray, quiet_ray_data, run_beside
 from pixfleet.config import GenerationJobConfig
 from pixfleet.engine import columns as C
 from pixfleet.errors import UserError
-from pixfleet.generation.gallery import page_name, write_gallery
+from pixfleet.generation.gallery import finish_output, page_name
 from pixfleet.generation.plan import DRY_RUN_DIR, build_plan
 from pixfleet.generation.progress import Counts, ProgressLine
-from pixfleet.generation.sink import MANIFEST_FILE, FinishedRows, Manifest, MergeResult
+from pixfleet.generation.sink import MANIFEST_FILE, FinishedRows, Manifest, MergeResult, finished_digests
 from pixfleet.generation.sources import open_source
 from pixfleet.models.identity import ModelIdentity
 from pixfleet.models.loading import check_model_folders, fetch_model_files
@@ -133,7 +133,7 @@ def run_generation(
 
     # 2. Resume: rows an earlier run wrote are skipped. A task builds the index; this process
     # holds its reference only, and each decode task reads it from the object store.
-    finished = FinishedRows(run_beside(_finished_digests, output))
+    finished = FinishedRows(run_beside(finished_digests, output))
     target = output / DRY_RUN_DIR if dry_run else output
     if dry_run:  # each dry run says what the job would do now
         for file in Manifest(target).files():
@@ -165,7 +165,7 @@ def run_generation(
         finally:
             summary.seconds = time.perf_counter() - start
             progress.close(summary)
-            merged = ray.get(run_beside(_merge, target, gallery=not dry_run))
+            merged = ray.get(run_beside(finish_output, target, gallery=not dry_run))
             if mlflow:
                 _log_run(mlflow, summary, merged, target)
     return summary
@@ -184,17 +184,6 @@ def with_locations(job: GenerationJobConfig) -> GenerationJobConfig:
     source = job.source.model_copy(update={"path": Location.of(job.source.path).uri})
     sink = job.sink.model_copy(update={"output_dir": Location.of(job.sink.output_dir).uri})
     return job.model_copy(update={"source": source, "sink": sink})
-
-
-def _finished_digests(output: Location):
-    return Manifest(output).finished().digests
-
-
-def _merge(target: Location, gallery: bool) -> MergeResult:
-    result = Manifest(target).merge()
-    if gallery:
-        write_gallery(target)
-    return result
 
 
 def _count(summary: GenerationSummary, batch: pd.DataFrame) -> None:

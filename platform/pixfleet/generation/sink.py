@@ -272,3 +272,9 @@ def _keys(files: list[Location]) -> _Keys:
         parts["file"].append(np.full(table.num_rows, number, dtype=np.int32))
     empty = {"digest": "S12", "image_index": np.int32, "ok": bool, "wanted": np.int32, "file": np.int32}
     return _Keys(**{k: np.concatenate(v) if v else np.zeros(0, empty[k]) for k, v in parts.items()})
+
+
+def finished_digests(output: Location) -> np.ndarray:
+    """The resume index of `output` (a task of its own: this module imports neither torch nor
+    diffusers, so a worker starts it in a fraction of a second)."""
+    return Manifest(output).finished().digests
