@@ -147,12 +147,18 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def run_script(args, work: Path, base: Path, data: Path) -> dict:
+def script_command(script: Path, work: Path, record_path: Path) -> list[str]:
+    """The command that runs `script` (its arguments to follow) with the stand-in on its path,
+    recording its first step into `record_path`."""
     shim = work / "shim" / "torchvision"
     shim.mkdir(parents=True)
     (shim / "__init__.py").write_text("from . import transforms\n")
     (shim / "transforms.py").write_text(TRANSFORMS_STAND_IN)
     (work / "recorder.py").write_text(RECORDER)
+    return [sys.executable, str(work / "recorder.py"), str(script), str(record_path), str(work / "shim")]
+
+
+def run_script(args, work: Path, base: Path, data: Path) -> dict:
     record_path = work / "script_step1.pt"
     argv = [
         f"--pretrained_model_name_or_path={base}",
@@ -166,8 +172,7 @@ def run_script(args, work: Path, base: Path, data: Path) -> dict:
         "--learning_rate=1e-4",
         "--checkpointing_steps=1000",
     ]
-    command = [sys.executable, str(work / "recorder.py"), str(args.script), str(record_path), str(work / "shim")]
-    subprocess.run([*command, *argv], check=True)
+    subprocess.run([*script_command(args.script, work, record_path), *argv], check=True)
     return torch.load(record_path, weights_only=False)
 
 

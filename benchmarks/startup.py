@@ -2,14 +2,17 @@
 single-process program doing the same, each a fresh process, in one run.
 
     python benchmarks/startup.py [--repeats 2] [--parts generate,train,serve]
+        [--script PATH/TO/diffusers/examples/controlnet/train_controlnet.py]
 
   generate  `pixfleet generate` of the quickstart (tiny ControlNet, 32 fill50k rows, 4 steps)
             to its exit, against a plain diffusers loop over the same rows, model load
             included (goal: within 2x)
-  train     `pixfleet train` of the tiny config to its first step line, against a plain loop
-            that does what train_controlnet.py does before its first step: tokenizer, text
-            encoder, VAE, UNet, a ControlNet from the UNet, AdamW, the rows read and
-            transformed, one step (goal: within 2x)
+  train     `pixfleet train` of the tiny config to its first step line, against diffusers'
+            train_controlnet.py to its first step (with --script: the script unchanged, run as
+            benchmarks/peer_check.py runs it, torchvision's transforms from its PIL stand-in)
+            and against a plain loop that does what the script does before its first step:
+            tokenizer, text encoder, VAE, UNet, a ControlNet from the UNet, AdamW, the rows read
+            and transformed, one step (goal: within 2x of the script)
   serve     `pixfleet serve` of one tiny model to its first answered request, against FastAPI +
             uvicorn + diffusers in one process answering the same request (goal: within 3x)
 
@@ -24,6 +27,7 @@ import base64
 import io
 import json
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -43,6 +47,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--parts", default="generate,train,serve")
     parser.add_argument("--work", type=Path)
+    parser.add_argument("--script", type=Path, help="diffusers' examples/controlnet/train_controlnet.py")
     parser.add_argument("--baseline", help=argparse.SUPPRESS)  # run one baseline in this process
     parser.add_argument("--args", help=argparse.SUPPRESS)
     return parser.parse_args()
@@ -122,13 +127,12 @@ def plain_train_first_step(model: str, data: str) -> None:
     print(f"step 1 | loss {loss.item():.4f}", flush=True)
 
 
-def plain_serve(model: str, port: int) -> None:
+def plain_serve(model: str, port: str) -> None:
     import torch
     import uvicorn
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
-    from fastapi import FastAPI
+    from fastapi import Body, FastAPI
     from PIL import Image
-    from pydantic import BaseModel
 
     pipe = StableDiffusionControlNetPipeline.from_pretrained(
         model, controlnet=ControlNetModel.from_pretrained(f"{model}/controlnet")
@@ -136,15 +140,11 @@ def plain_serve(model: str, port: int) -> None:
     pipe.set_progress_bar_config(disable=True)
     app = FastAPI()
 
-    class Request(BaseModel):
-        prompt: str
-        control_images: list[str]
-
     @app.post("/v1/generate")
-    def generate(request: Request) -> dict:
-        control = Image.open(io.BytesIO(base64.b64decode(request.control_images[0]))).convert("RGB")
+    def generate(request: dict = Body()) -> dict:  # noqa: B008 - FastAPI's idiom
+        control = Image.open(io.BytesIO(base64.b64decode(request["control_images"][0]))).convert("RGB")
         image = pipe(
-            request.prompt,
+            request["prompt"],
             image=control,
             num_inference_steps=4,
             height=64,
@@ -155,7 +155,7 @@ def plain_serve(model: str, port: int) -> None:
         image.save(buffer, format="PNG")
         return {"data": [{"b64_json": base64.b64encode(buffer.getvalue()).decode()}]}
 
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+    uvicorn.run(app, host="127.0.0.1", port=int(port), log_level="warning")
 
 
 # Measurements.
@@ -189,22 +189,24 @@ def run_until(command: list[str], done, env: dict, timeout_s: float = 600) -> fl
             process.wait()
 
 
-def until_answered(command: list[str], url: str, body: dict, env: dict, timeout_s: float = 600) -> float:
-    """Seconds from the process's start until a POST of `body` to `url` answers 200."""
+def until_answered(command: list[str], url: str, body: dict, env: dict, log: Path, timeout_s: float = 300) -> float:
+    """Seconds from the process's start until a POST of `body` to `url` answers 200 (the
+    process's output in `log`)."""
     start = time.perf_counter()
-    process = subprocess.Popen(
-        command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         while time.perf_counter() - start < timeout_s:
-            assert process.poll() is None, f"{command} exited with {process.returncode}"
+            assert process.poll() is None, f"{command} exited with {process.returncode}: see {log}"
             try:
                 if httpx.post(url, json=body, timeout=120).status_code == 200:
                     return time.perf_counter() - start
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
-        raise TimeoutError(command)
+        raise TimeoutError(f"{command}: no 200 from {url} in {timeout_s} s; see {log}")
     finally:
         os.killpg(process.pid, 15)
         try:
@@ -252,12 +254,20 @@ def main() -> None:
             plain = run_until(baseline("train", str(model), str(data)), lambda line: line.startswith("step 1 "), env)
             config = train_config(work, model, data, repeat)
             ours = run_until(pixfleet("train", str(config)), lambda line: "step 1/" in line, env)
-            results.setdefault("train", []).append((ours, plain))
+            results.setdefault("train (plain loop)", []).append((ours, plain))
+            if args.script:
+                command = script_first_step(args.script, work / f"script-{repeat}", model, data)
+                script = run_until(command, SCRIPT_STEP_1, env)
+                results.setdefault("train", []).append((ours, script))
         if "serve" in parts:
             body = {"model": "tiny-controlnet", "prompt": "a red circle", "control_images": [control_b64(data)]}
             port = free_port()
             plain = until_answered(
-                baseline("serve", str(model), str(port)), f"http://127.0.0.1:{port}/v1/generate", body, env
+                baseline("serve", str(model), str(port)),
+                f"http://127.0.0.1:{port}/v1/generate",
+                body,
+                env,
+                work / f"plain-serve-{repeat}.log",
             )
             port = free_port()
             ours = until_answered(
@@ -265,19 +275,46 @@ def main() -> None:
                 f"http://127.0.0.1:{port}/v1/generate",
                 body,
                 env,
+                work / f"serve-{repeat}.log",
             )
             results.setdefault("serve", []).append((ours, plain))
         print(
             f"repeat {repeat}: " + ", ".join(f"{k} {v[-1][0]:.1f} s vs {v[-1][1]:.1f} s" for k, v in results.items()),
             flush=True,
         )
-    goals = {"generate": 2.0, "train": 2.0, "serve": 3.0}
+    goals = {"generate": 2.0, "train": 2.0, "train (plain loop)": 2.0, "serve": 3.0}
     print("\n| command | pixfleet | plain | ratio (median) | goal |\n|---|---|---|---|---|")
     for name, pairs in results.items():
         ratio = statistics.median(ours / plain for ours, plain in pairs)
         ours = ", ".join(f"{o:.1f}" for o, _ in pairs)
         plain = ", ".join(f"{p:.1f}" for _, p in pairs)
         print(f"| {name} | {ours} s | {plain} s | {ratio:.2f} | within {goals[name]:g}x |")
+
+
+# tqdm's bar, which the script updates after each step (universal newlines split it at "\r").
+SCRIPT_STEP_1 = re.compile(r"Steps:.*\| 1/\d+ ").search
+
+
+def script_first_step(script: Path, work: Path, model: Path, data: Path) -> list[str]:
+    """diffusers' train_controlnet.py on the tiny model and rows, 64 px, batch 4, two steps; its
+    ControlNet is the tiny pipeline's (the script's `from_unet` has the full-size conditioning
+    embedding, which downsamples 64 px past the tiny latents)."""
+    from peer_check import script_command
+
+    work.mkdir(parents=True)
+    return [
+        *script_command(script, work, work / "step1.pt"),
+        f"--pretrained_model_name_or_path={model}",
+        f"--controlnet_model_name_or_path={model / 'controlnet'}",
+        f"--train_data_dir={data}",
+        f"--output_dir={work / 'out'}",
+        "--resolution=64",
+        "--train_batch_size=4",
+        "--max_train_steps=2",
+        "--learning_rate=1e-3",
+        "--checkpointing_steps=1000",
+        "--seed=0",
+    ]
 
 
 def control_b64(data: Path) -> str:

@@ -8,7 +8,7 @@ import os
 import signal
 import threading
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -69,13 +69,9 @@ def sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-@contextmanager
-def mlflow_run(config: TrackingConfig, run_name: str, params: Mapping[str, Any]) -> Iterator[Any]:
-    """Open a run with `params`; yields the mlflow module (or None when tracking is off)."""
-    if not config.enabled:
-        with sigterm_raises():
-            yield None
-        return
+def _open_experiment(config: TrackingConfig) -> Any:
+    """The mlflow module, pointed at the store (created, with its tables, when new) and at the
+    experiment (created when new)."""
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri(config))
@@ -86,6 +82,37 @@ def mlflow_run(config: TrackingConfig, run_name: str, params: Mapping[str, Any])
             artifacts = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
         mlflow.create_experiment(config.experiment, artifact_location=artifacts)
     mlflow.set_experiment(config.experiment)
+    return mlflow
+
+
+_opening: dict[str, threading.Thread] = {}
+
+
+def open_tracking_early(config: TrackingConfig) -> None:
+    """Start opening the store in a thread, while Ray starts: MLflow's imports and a sqlite
+    store's migrations take 2-3 s that need no cluster. `mlflow_run` waits for it; a failure
+    here is left for `mlflow_run` to raise, where the job reports it."""
+    if not config.enabled:
+        return
+
+    def open_quietly() -> None:
+        with suppress(Exception):  # raised again, and reported, by mlflow_run
+            _open_experiment(config)
+
+    _opening[config.experiment] = thread = threading.Thread(target=open_quietly, daemon=True)
+    thread.start()
+
+
+@contextmanager
+def mlflow_run(config: TrackingConfig, run_name: str, params: Mapping[str, Any]) -> Iterator[Any]:
+    """Open a run with `params`; yields the mlflow module (or None when tracking is off)."""
+    if not config.enabled:
+        with sigterm_raises():
+            yield None
+        return
+    if opening := _opening.pop(config.experiment, None):
+        opening.join()
+    mlflow = _open_experiment(config)
     with sigterm_raises():
         mlflow.start_run(run_name=run_name)
         try:

@@ -15,7 +15,8 @@ from pixfleet.config import ConfigError
 from pixfleet.engine import columns as C
 from pixfleet.engine.params import derive_seed, input_key
 from pixfleet.generation.job import TooManyFailures, run_generation
-from pixfleet.models.loading import ModelLoadError, load_pipeline
+from pixfleet.models.folders import ModelLoadError
+from pixfleet.models.loading import load_pipeline
 from tests.helpers import direct_call, png_bytes, random_image, tiny_job, tiny_spec
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.usefixtures("ray_session")]

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from pixfleet.config import FreeUConfig, OptimizationConfig
-from pixfleet.models.loading import ModelLoadError, check_model_folders, load_pipeline
+from pixfleet.models.folders import ModelLoadError, check_model_folders
+from pixfleet.models.loading import load_pipeline
 from pixfleet.models.schedulers import SCHEDULERS
 from pixfleet.models.tasks import TASKS
 from tests.helpers import call_tiny, tiny_spec

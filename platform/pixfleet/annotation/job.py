@@ -39,7 +39,7 @@ from pixfleet.generation.sources import Source, open_image_source
 from pixfleet.generation.stages import PlannedStage
 from pixfleet.generation.stages.detect_stage import DetectStage
 from pixfleet.storage import Location, check_readable, check_writable
-from pixfleet.tracking import mlflow_run
+from pixfleet.tracking import mlflow_run, open_tracking_early
 
 TASK_CPUS = 0.5  # what the tasks (read, prepare, check, write) and the record actor need free beside the pools
 
@@ -108,6 +108,7 @@ def run_annotation(job: AnnotateJobConfig, address: str | None = None, ray_progr
     root = check_writable(job.output_dir, "output_dir")
     job = job.model_copy(update={"output_dir": root.uri})  # absolute: tasks run elsewhere
     check_settings(root, job.fingerprint())
+    open_tracking_early(job.tracking)
     ensure_ray(address)
     _check_resources(job)
     quiet_ray_data(ray_progress)

@@ -100,9 +100,9 @@ class EngineProcess:
         self._lock = threading.Lock()
 
     def start(self, timeout_s: float = 600) -> EngineInfo:
-        """Hand the pipeline to the spare child (or a new one), wait until it is loaded, and
-        start the next spare."""
-        child, self.spare = self.spare or _Child(), _Child() if self.keep_spare else None
+        """Hand the pipeline to the spare child (or a new one), wait until it is loaded, then
+        start the next spare (not before: its imports would slow this load on a busy node)."""
+        child, self.spare = self.spare or _Child(), None
         child.connection.send((self.spec, self.max_controlnets))
         if not child.connection.poll(timeout_s):
             child.kill()
@@ -117,6 +117,8 @@ class EngineProcess:
             child.kill()
             raise EngineStopped(f"the engine process could not load the model: {message[2]}")
         self.child, self.info = child, message[1]
+        if self.keep_spare:
+            self.spare = _Child()
         return self.info
 
     @property
@@ -280,10 +282,12 @@ def _one_line(error: Exception) -> str:
 def child_main(argv: list[str]) -> None:
     """`python -m pixfleet.engine.process FD OWNER_PID`: import, then wait for a pipeline to load."""
     threading.Thread(target=_exit_with_owner, args=(int(argv[2]),), daemon=True).start()
-    from pixfleet.models.loading import import_pipeline_classes
+    connection = Connection(int(argv[1]))
+    if not connection.poll(0):  # a spare: import every task's classes while it waits
+        from pixfleet.models.loading import import_pipeline_classes
 
-    import_pipeline_classes()  # while waiting: a spare then loads its model in a fraction of a second
-    _serve(Connection(int(argv[1])))
+        import_pipeline_classes()  # then it loads its model in a fraction of a second
+    _serve(connection)
 
 
 if __name__ == "__main__":

@@ -25,11 +25,11 @@ from pixfleet.generation.plan import DRY_RUN_DIR, build_plan
 from pixfleet.generation.progress import Counts, ProgressLine
 from pixfleet.generation.sink import MANIFEST_FILE, FinishedRows, Manifest, MergeResult, finished_digests
 from pixfleet.generation.sources import open_source
+from pixfleet.models.folders import check_model_folders, fetch_model_files
 from pixfleet.models.identity import ModelIdentity
-from pixfleet.models.loading import check_model_folders, fetch_model_files
 from pixfleet.models.registry import resolve_registry_models
 from pixfleet.storage import Location, check_readable, check_writable
-from pixfleet.tracking import mlflow_run, tracking_uri
+from pixfleet.tracking import mlflow_run, open_tracking_early, tracking_uri
 
 SHOWN_FAILURES = 5
 MIN_ROWS_FOR_BUDGET = 100  # rows seen before a source of unknown size can be judged by its failures
@@ -125,6 +125,7 @@ def run_generation(
     local = fetch_model_files(resolved.model)  # this node's copies, for the checks and the content hashes
     check_model_folders(local)
     model = ModelIdentity.of(local, named=job.model)
+    open_tracking_early(job.tracking)
     ensure_ray(address)
     quiet_ray_data(ray_progress)
     rows_per_block = dry_run_rows_per_block(job) if dry_run else job.resources.rows_per_block

@@ -98,7 +98,7 @@ def local_model(value: str | None, tracking_uri: str) -> str | None:
 
 def resolve_registry_models(spec: ModelSpec, tracking_uri: str) -> ModelSpec:
     """`spec` with every MLflow URI replaced by its downloaded folder (object storage URIs stay:
-    each node fetches those itself, `loading.fetch_model_files`)."""
+    each node fetches those itself, `folders.fetch_model_files`)."""
 
     def resolved(value: str) -> str:
         return download_model(value, tracking_uri) if is_mlflow_uri(value) else value

@@ -104,7 +104,7 @@ def serve_config(config: ServingConfig) -> dict[str, Any]:
 def start(config: ServingConfig, address: str | None = None) -> str:
     """Deploy `config` on Ray (embedded local by default) and return the API's base URL."""
     from pixfleet.cluster import ensure_ray
-    from pixfleet.models.loading import check_model_folders
+    from pixfleet.models.folders import check_model_folders
 
     for served in config.models:  # before Ray starts: a missing folder is a one-line error
         check_model_folders(served.model)

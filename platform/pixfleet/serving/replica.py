@@ -22,8 +22,8 @@ from ray import serve
 
 from pixfleet.config.serving import ServedModelConfig
 from pixfleet.engine import columns as C
+from pixfleet.engine.batching import group_rows
 from pixfleet.engine.process import EngineCallFailed, EngineProcess, EngineStopped
-from pixfleet.engine.runner import group_rows
 from pixfleet.models.registry import download_model, resolve_registry_models
 
 logger = logging.getLogger("ray.serve")

@@ -12,10 +12,10 @@ from pixfleet.config import ConfigError
 from pixfleet.config.paths import is_mlflow_uri, looks_local
 from pixfleet.config.training import TrainingJobConfig
 from pixfleet.errors import UserError
-from pixfleet.models.loading import check_model_folder
+from pixfleet.models.folders import check_model_folder
 from pixfleet.models.registry import local_model, pin_version
 from pixfleet.storage import Location, check_writable
-from pixfleet.tracking import mlflow_run, tracking_uri
+from pixfleet.tracking import mlflow_run, open_tracking_early, tracking_uri
 from pixfleet.training.data import table_rows, training_table, with_local_models
 from pixfleet.training.loop import (
     CONTROLNET_DIR,
@@ -91,6 +91,7 @@ def run_training(job: TrainingJobConfig, address: str | None = None) -> Training
     table = training_table(args)
     if table.num_rows is not None:  # else counted below, by a task reading the table
         _check_step_budget(args, table_rows(table, args), dist.num_workers)
+    open_tracking_early(job.tracking)
     ensure_ray(address)
     if table.num_rows is None:
         table = ray.get(run_beside(table.with_counts))

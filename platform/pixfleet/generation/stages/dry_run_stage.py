@@ -35,7 +35,7 @@ class DryRunStage:
         from transformers import AutoTokenizer
 
         from pixfleet.engine.runner import A1111_SAMPLERS
-        from pixfleet.models.loading import fetch_model_files
+        from pixfleet.models.folders import fetch_model_files
         from pixfleet.models.schedulers import SCHEDULERS
 
         spec = fetch_model_files(spec)  # its configs and tokenizer alone are read

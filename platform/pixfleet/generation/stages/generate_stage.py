@@ -23,8 +23,9 @@ import torch
 
 from pixfleet.config import ModelSpec, ResourcesConfig
 from pixfleet.engine import columns as C
+from pixfleet.engine.batching import group_rows
 from pixfleet.engine.images import empty_image, one_line
-from pixfleet.engine.runner import PipelineRunner, group_rows
+from pixfleet.engine.runner import PipelineRunner
 from pixfleet.generation.stages import PlannedStage
 
 logger = logging.getLogger(__name__)
