@@ -3,11 +3,14 @@ them, finite numbers, seeds that fit, and no parameter a task would silently ign
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 
 from pixfleet.config import GenerationParams
+from pixfleet.engine import params
 from pixfleet.engine.images import RowError
-from pixfleet.engine.params import resolve_params
+from pixfleet.engine.params import pipeline_call_defaults, resolve_params
 from pixfleet.models.tasks import TASKS, task_info
 
 
@@ -82,3 +85,22 @@ def test_each_tasks_parameters_are_the_ones_its_pipeline_takes(task):
     signature = set(inspect.signature(task_info(task).pipeline_class.__call__).parameters)
     exposed = set(GenerationParams.model_fields) - {"seed"}  # the seed becomes the generators
     assert task_info(task).parameters - {"seed"} == exposed & signature
+
+
+@pytest.mark.parametrize("task", ["controlnet_inpaint", "sdxl_pix2pix"])
+def test_pipeline_defaults_kept_in_the_cache_equal_the_signature_and_a_broken_file_is_read_again(
+    task, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(params, "DEFAULTS_CACHE", tmp_path)
+    signature = inspect.signature(task_info(task).pipeline_class.__call__).parameters
+    expected = {n: signature[n].default for n in GenerationParams.model_fields if n in signature}
+    expected = {n: v for n, v in expected.items() if v is not inspect.Parameter.empty}
+    for broken in (False, True):
+        pipeline_call_defaults.cache_clear()
+        assert pipeline_call_defaults(task) == expected  # computed and written, then read back
+        (cached,) = tmp_path.glob(f"diffusers-*/{task}.json")
+        if broken:
+            cached.write_text("{not json")
+    pipeline_call_defaults.cache_clear()
+    assert pipeline_call_defaults(task) == expected and cached.read_text().startswith("{")
+    pipeline_call_defaults.cache_clear()

@@ -14,7 +14,7 @@ from PIL import Image
 from pixfleet.config import ConfigError
 from pixfleet.engine import columns as C
 from pixfleet.engine.params import derive_seed, input_key
-from pixfleet.generation.job import TooManyFailures, run_generation
+from pixfleet.generation.job import TooManyFailures, run_generation, sample_grid
 from pixfleet.models.folders import ModelLoadError
 from pixfleet.models.loading import load_pipeline
 from tests.helpers import direct_call, png_bytes, random_image, tiny_job, tiny_spec
@@ -211,3 +211,15 @@ def test_a_job_stopped_by_its_failure_budget_exits_3(tiny_dir, tmp_path, monkeyp
     result = CliRunner().invoke(cli.app, ["generate", str(path)])
     assert result.exit_code == 3, result.output
     assert "error: 5 of 8 rows failed" in result.output
+
+
+def test_the_sample_grid_keeps_each_image_in_its_cell_and_fills_the_last_row_black(tmp_path):
+    colors = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255)]
+    uris = []
+    for i, color in enumerate(colors):
+        Image.new("RGB", (8, 6) if i else (8, 8), color).save(tmp_path / f"{i}.png")  # sizes follow the first
+        uris.append(str(tmp_path / f"{i}.png"))
+    grid = np.asarray(sample_grid(uris))
+    assert grid.shape == (16, 32, 3)
+    cells = [tuple(grid[r * 8 + 4, c * 8 + 4]) for r in range(2) for c in range(4)]
+    assert cells == [*colors, (0, 0, 0), (0, 0, 0), (0, 0, 0)]

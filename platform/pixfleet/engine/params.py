@@ -8,12 +8,16 @@ content, preprocessing, defaults), so a rerun recognises exactly the rows it alr
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import importlib.metadata
 import inspect
 import json
+import os
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -25,6 +29,7 @@ from pixfleet.engine.images import RowError
 from pixfleet.models.tasks import task_info, unused_parameters
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+DEFAULTS_CACHE = Path.home() / ".cache" / "pixfleet" / "pipeline_defaults"
 
 
 def resolve_params(
@@ -74,13 +79,27 @@ def resolve_params(
 
 @functools.cache
 def pipeline_call_defaults(task: str) -> dict[str, Any]:
-    """The defaults of the task's pipeline `__call__`, for the parameters pixfleet exposes."""
+    """The defaults of the task's pipeline `__call__`, for the parameters pixfleet exposes.
+
+    Read from the signature once per diffusers version and kept in ~/.cache/pixfleet: importing
+    a pipeline's module costs a job's driver, or a serving ingress, 3-5 s at every start."""
+    cached = DEFAULTS_CACHE / f"diffusers-{importlib.metadata.version('diffusers')}" / f"{task}.json"
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads(cached.read_text())
     signature = inspect.signature(task_info(task).pipeline_class.__call__)
-    return {
+    defaults = {
         name: p.default
         for name, p in signature.parameters.items()
         if name in GenerationParams.model_fields and p.default is not inspect.Parameter.empty
     }
+    with contextlib.suppress(OSError, TypeError):  # not kept when unwritable or not JSON
+        text = json.dumps(defaults)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        staging = cached.with_name(f".{cached.name}.{os.getpid()}")
+        staging.write_text(text)
+        staging.replace(cached)  # whole or absent for a process reading it meanwhile
+        return json.loads(text)  # as a later start reads it
+    return defaults
 
 
 def input_key(images: list[bytes | None], overrides: Mapping[str, Any]) -> str:

@@ -19,13 +19,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import ray.data
-import torch
 
 from pixfleet.config import ModelSpec, ResourcesConfig
 from pixfleet.engine import columns as C
 from pixfleet.engine.batching import group_rows
 from pixfleet.engine.images import empty_image, one_line
-from pixfleet.engine.runner import PipelineRunner
 from pixfleet.generation.stages import PlannedStage
 
 logger = logging.getLogger(__name__)
@@ -44,6 +42,8 @@ class GenerateStage:
     """Callable class for `map_batches(compute=ActorPoolStrategy(...))`."""
 
     def __init__(self, spec: ModelSpec, image_columns: list[str], size: tuple[int, int], batch_size: int):
+        from pixfleet.engine.runner import PipelineRunner  # here: the driver plans this stage without torch
+
         self.runner = PipelineRunner.load(spec)
         if spec.optimizations.torch_compile or self.runner.device.type == "cuda":
             # Compile (and let the GPU set itself up) at the job's one size before the first rows.
@@ -84,6 +84,8 @@ class GenerateStage:
         return pd.DataFrame(outputs)
 
     def _generate(self, rows: list[dict]) -> list[dict]:
+        import torch
+
         n = json.loads(rows[0][C.PARAMS])["num_images_per_prompt"]
         tokens = self.runner.prompt_tokens([row[C.PROMPT] for row in rows])
         start = time.perf_counter()
