@@ -89,15 +89,23 @@ _opening: dict[str, threading.Thread] = {}
 
 
 def open_tracking_early(config: TrackingConfig) -> None:
-    """Start opening the store in a thread, while Ray starts: MLflow's imports and a sqlite
-    store's migrations take 2-3 s that need no cluster. `mlflow_run` waits for it; a failure
-    here is left for `mlflow_run` to raise, where the job reports it."""
+    """Start MLflow's imports (2 s) in a thread while Ray starts, and open the store there too
+    when it is a sqlite file that exists already. A new store is created by `mlflow_run` only,
+    after the job's checks: a job that fails them leaves nothing behind. `mlflow_run` waits for
+    the thread; a failure here is left for `mlflow_run` to raise, where the job reports it."""
     if not config.enabled:
         return
+    uri = tracking_uri(config)
 
     def open_quietly() -> None:
         with suppress(Exception):  # raised again, and reported, by mlflow_run
-            _open_experiment(config)
+            import mlflow  # noqa: F401
+
+            if uri.startswith("sqlite:///"):
+                from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore  # noqa: F401
+
+                if Path(uri.removeprefix("sqlite:///")).is_file():
+                    _open_experiment(config)
 
     _opening[config.experiment] = thread = threading.Thread(target=open_quietly, daemon=True)
     thread.start()
