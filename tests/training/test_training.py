@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from PIL import Image
 
 from pixfleet.config.training import TrainingJobConfig
 from pixfleet.models.registry import resolve_registry_models
+from pixfleet.training.loop import TRAINER_STATE
 from pixfleet.training.trainer import run_training
 from tests.helpers import kill_group, start_cli, tiny_spec, write_job_yaml
 
@@ -129,20 +131,28 @@ def test_ddp_loss_falls_and_the_controlnet_loads_from_folder_and_registry(tiny_d
 
 
 def test_a_resumed_run_trains_on_the_batches_of_an_uninterrupted_one_with_equal_losses(tiny_dir, train_data, tmp_path):
-    # 32 rows on one worker in batches of 4: 8 steps an epoch, each epoch reshuffled. Stopped at
-    # step 6, mid-epoch, and resumed to 10, across the epoch's end, the run must see what a run
-    # straight to 10 sees (how rows are dealt to several ranks: test_data_plan.py).
-    whole = run_training(train_job(tiny_dir, train_data, tmp_path, "ddp", name="whole", max_train_steps=10))
-    job = train_job(tiny_dir, train_data, tmp_path, "ddp", name="halves", max_train_steps=6, checkpointing_steps=6)
-    first = run_training(job)
-    train = job.train.model_copy(update={"max_train_steps": 10, "resume_from_checkpoint": "latest"})
-    second = run_training(job.model_copy(update={"train": train}))
+    # 32 rows on one worker in batches of 4: 8 steps an epoch, each epoch reshuffled. A run
+    # resumed from step 6 (mid-epoch; the checkpoint a run straight to 10 wrote there) and
+    # trained to 10, across the epoch's end, must see what the straight run saw from step 7 (how
+    # rows are dealt to several ranks: test_data_plan.py; resuming a rerun by `latest`: the SDXL
+    # test; from a diffusers script's checkpoint: below).
+    whole = run_training(
+        train_job(tiny_dir, train_data, tmp_path, "ddp", name="whole", max_train_steps=10, checkpointing_steps=6)
+    )
+    (at_step_6,) = [
+        folder
+        for folder in Path(whole.checkpoint_path).parent.glob("checkpoint_*/")
+        if json.loads((folder / TRAINER_STATE).read_text())["global_step"] == 6
+    ]
+    resume = {"max_train_steps": 10, "resume_from_checkpoint": str(at_step_6)}
+    resumed = run_training(train_job(tiny_dir, train_data, tmp_path, "ddp", name="resumed", **resume))
 
     expected = metric_history(tmp_path, whole.mlflow_run_id)
-    resumed = metric_history(tmp_path, first.mlflow_run_id) + metric_history(tmp_path, second.mlflow_run_id)
-    assert [step for step, _ in resumed] == [step for step, _ in expected] == list(range(1, 11))
-    np.testing.assert_allclose([v for _, v in resumed], [v for _, v in expected], rtol=1e-5)
-    epochs = metric_history(tmp_path, second.mlflow_run_id, "epoch")
+    assert [step for step, _ in expected] == list(range(1, 11))
+    losses = metric_history(tmp_path, resumed.mlflow_run_id)
+    assert [step for step, _ in losses] == [7, 8, 9, 10]
+    np.testing.assert_allclose([v for _, v in losses], [v for _, v in expected[6:]], rtol=1e-5)
+    epochs = metric_history(tmp_path, resumed.mlflow_run_id, "epoch")
     assert [epoch for _, epoch in epochs] == [0, 0, 1, 1]
 
 
