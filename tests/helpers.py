@@ -129,12 +129,12 @@ def write_job_yaml(job, path: Path) -> Path:
 
 
 def start_cli(command: str, config_path: Path, cwd: Path):
-    """`pixfleet COMMAND CONFIG` in a subprocess with its own embedded Ray."""
+    """`pixfleet COMMAND CONFIG` in a subprocess with its own embedded Ray; its log in cwd/logs."""
     import os
     import subprocess
     import sys
 
-    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1", "PIXFLEET_LOG_DIR": str(cwd / "logs")}
     return subprocess.Popen(
         [sys.executable, "-m", "pixfleet.cli", command, str(config_path)],
         cwd=cwd,

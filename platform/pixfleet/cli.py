@@ -58,8 +58,22 @@ def main(
     set_verbose(verbose)
 
 
+_console_log: list[Path] = []  # a job command's log file, once routed
+
+
+def _route_console(command: str) -> None:
+    """A job command's console: pixfleet's lines, warnings and errors; all of it in a log file.
+    Before the job's modules import Ray (see `route_console`)."""
+    from pixfleet.console import route_console
+
+    if log := route_console(command):
+        _console_log.append(log)
+
+
 def _fail(message: str, code: int = UserError.exit_code) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    if _console_log:
+        typer.echo(f"the full log: {_console_log[-1]}", err=True)
     raise typer.Exit(code)
 
 
@@ -216,6 +230,7 @@ def generate(
     Exit codes: 0 done; 2 a config, source or model problem (nothing ran); 3 stopped past
     max_failed_fraction (rows written stay, rerun to resume); 130 interrupted.
     """
+    _route_console("generate")
     from pixfleet.config import GenerationJobConfig
     from pixfleet.generation.job import run_generation
 
@@ -237,6 +252,7 @@ def annotate(
     Exit codes: 0 done; 2 a config or source problem; 3 stopped past max_failed_fraction;
     130 interrupted (rerun to resume).
     """
+    _route_console("annotate")
     from pixfleet.annotation.job import run_annotation
     from pixfleet.config.annotation import AnnotateJobConfig
 
@@ -271,6 +287,7 @@ def train(
 
     Every field: `pixfleet config show train`; check a file: `pixfleet config validate FILE`.
     """
+    _route_console("train")
     from pixfleet.config import load_config
     from pixfleet.config.training import TrainingJobConfig
     from pixfleet.training.trainer import run_training
@@ -305,6 +322,7 @@ def serve(
 
     Every field: `pixfleet config show serve`; check a file: `pixfleet config validate FILE`.
     """
+    _route_console("serve")
     from pixfleet.config import load_config
     from pixfleet.config.serving import ServingConfig
     from pixfleet.serving import app as serving

@@ -1,12 +1,51 @@
 """What reaches the user's console: pixfleet's own lines, warnings that ask something of the
 user, and errors. The libraries' loading bars stay off unless `pixfleet --verbose`; the
-setting travels in the environment, so Ray's workers, started after it, inherit it."""
+setting travels in the environment, so Ray's workers, started after it, inherit it.
+
+Some of the libraries' chatter cannot be turned off where it starts (Ray's C++ core worker
+writes to the process's stderr; Ray forwards its workers' output), so a job command routes its
+own stdout and stderr through `route_console`: every line goes to a log file, and the lines
+that are only the libraries' progress stay off the console.
+"""
 
 from __future__ import annotations
 
+import atexit
 import os
+import re
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import BinaryIO, TextIO
 
 VERBOSE_ENV = "PIXFLEET_VERBOSE"
+LOG_DIR_ENV = "PIXFLEET_LOG_DIR"
+DEFAULT_LOG_DIR = Path.home() / ".local" / "state" / "pixfleet" / "logs"
+DRAIN_S = 5.0  # at exit, how long the last lines may take to reach the console
+
+# Matched after the colour codes and Ray's "(Actor pid=N, ip=...)" prefix are removed.
+_CHATTER = re.compile(
+    "|".join(
+        (
+            # log records below WARNING: Ray's, Ray Data's, MLflow's, DeepSpeed's formats
+            r"^\[?\d{4}[-/]\d\d[-/]\d\d[ T][\d:.,]+\]?\s+\[?(INFO|DEBUG)\b",
+            # every Ray Data actor pool logs this, for arguments Ray Data itself puts in the
+            # object store (ray-project/ray#57733): it asks nothing of the user
+            r"core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in the object store",
+            # Ray Train's and Ray Data's progress, forwarded from their actors without a level
+            r"^(Requesting resources|Attempting to start training worker group|Started training worker group"
+            r"|Setting up process group for|Checkpoint successfully created at|Reporting training result)|^- \(ip=",
+            r"Dataset \S+ execution finished in",
+            # DeepSpeed's one-time op builds and its CPU fallback
+            r"^DeepSpeed \S+ built successfully|Setting accelerator to CPU",
+        )
+    )
+)
+_COLOUR = re.compile(rb"\x1b\[[\d;]*m")
+_RAY_PREFIX = re.compile(rb"^\s*\([\w.()-]+ pid=\d+(, ip=[\d.]+)?\)\s*")
+_LINE_END = re.compile(rb"(?<=[\r\n])")
+_routed_terminals: set[int] = set()  # fds 1 and 2, when they were terminals before routing
 
 
 def set_verbose(verbose: bool) -> None:
@@ -25,3 +64,81 @@ def quiet_model_loading() -> None:
         import diffusers
 
         diffusers.utils.logging.disable_progress_bar()
+
+
+def is_chatter(line: bytes) -> bool:
+    """A line only the libraries' progress: logged, kept off the console."""
+    text = _RAY_PREFIX.sub(b"", _COLOUR.sub(b"", line)).decode(errors="replace").strip()
+    return bool(_CHATTER.search(text))
+
+
+def route_console(command: str) -> Path | None:
+    """Send this process's stdout and stderr (file descriptors 1 and 2, so C++ code and child
+    processes are caught too) through a filter: all of it into a new log file, the lines that
+    are not `is_chatter` on to the console. Returns the log's path; None (nothing routed) when
+    verbose, or when stdout and stderr are not the process's own (a test's CliRunner)."""
+    if os.environ.get(VERBOSE_ENV) or not _owns_standard_streams():
+        return None
+    folder = Path(os.environ.get(LOG_DIR_ENV) or DEFAULT_LOG_DIR)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    log = path.open("ab", buffering=0)
+    lock = threading.Lock()
+    pumps = []
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+        fd = stream.fileno()
+        console = os.dup(fd)
+        if os.isatty(fd):
+            _routed_terminals.add(fd)
+        read_end, write_end = os.pipe()
+        os.dup2(write_end, fd)
+        os.close(write_end)
+        pump = threading.Thread(target=_pump, args=(read_end, console, log, lock), daemon=True)
+        pump.start()
+        pumps.append((fd, console, pump))
+
+    def drain() -> None:  # the pipes close when fds 1 and 2 are the console's again
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        for fd, console, _ in pumps:
+            os.dup2(console, fd)
+        deadline = time.monotonic() + DRAIN_S
+        for _, _, pump in pumps:
+            pump.join(max(0.0, deadline - time.monotonic()))
+
+    atexit.register(drain)  # before Ray is imported: this runs after Ray's own shutdown
+    return path
+
+
+def is_terminal(stream: TextIO) -> bool:
+    """Whether `stream` reaches a terminal, routed or not (a live line rewrites itself there)."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return False
+    return fd in _routed_terminals or os.isatty(fd)
+
+
+def _pump(read_end: int, console: int, log: BinaryIO, lock: threading.Lock) -> None:
+    pending = b""
+    while chunk := os.read(read_end, 1 << 16):
+        *lines, pending = _LINE_END.split(pending + chunk)
+        _emit(lines, console, log, lock)
+    _emit([pending] if pending else [], console, log, lock)
+    os.close(read_end)
+
+
+def _emit(lines: list[bytes], console: int, log: BinaryIO, lock: threading.Lock) -> None:
+    with lock:
+        for line in lines:
+            log.write(line)
+            if not is_chatter(line):
+                os.write(console, line)
+
+
+def _owns_standard_streams() -> bool:
+    try:
+        return sys.stdout.fileno() == 1 and sys.stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):  # replaced by an in-memory stream
+        return False

@@ -11,6 +11,7 @@ import pandas as pd
 import psutil
 import pytest
 
+from pixfleet.console import is_chatter
 from pixfleet.engine import columns as C
 from pixfleet.generation.job import run_generation
 from tests.helpers import kill_group, start_cli, tiny_job, write_job_yaml
@@ -88,6 +89,10 @@ def test_sigterm_ends_the_mlflow_run_killed_and_a_rerun_recomputes_only_unfinish
 
     assert driver.returncode == 130, output[-2000:]
     assert "interrupted; rerun the same command to resume" in output
+    # The console had pixfleet's lines only; the log file has the libraries' too.
+    assert not [line for line in output.splitlines() if is_chatter(line.encode())]
+    (log,) = (tmp_path / "logs").glob("generate-*.log")
+    assert "interrupted; rerun the same command to resume" in log.read_text()
     mlflow.set_tracking_uri(f"sqlite:///{out}/mlflow.db")
     (run,) = mlflow.search_runs(experiment_names=["tests"], output_format="list")
     assert run.info.status == "KILLED"

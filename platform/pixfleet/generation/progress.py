@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+from pixfleet.console import is_terminal
 from pixfleet.tracking import format_duration
 
 
@@ -46,7 +47,7 @@ class ProgressLine:
     ):
         self.stream = stream or sys.stderr
         self.mlflow = mlflow
-        self.live = self.stream.isatty()
+        self.live = is_terminal(self.stream)
         self.log_interval_s = log_interval_s
         self.metrics_interval_s = metrics_interval_s
         self.start = time.perf_counter()

@@ -1,0 +1,90 @@
+"""The job commands' console: pixfleet's lines reach it, the libraries' chatter goes to the log."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from pixfleet.console import is_chatter
+
+pytestmark = pytest.mark.timeout(60)
+
+# Lines seen on this project's consoles (Ray 2.60, Ray Train, Ray Data, MLflow, DeepSpeed).
+CHATTER = [
+    "[2026-12-05 05:16:02,283 E 6706 6706] core_worker.cc:2465: Actor with class name: "
+    "'MapWorker(MapBatches(PreprocessStage))' and ID: '54679608' has constructor arguments in the object store "
+    "and max_restarts > 0. If the arguments in the object store go out of scope or are lost, the actor restart "
+    "will fail. See https://github.com/ray-project/ray/issues/53727 for more details.",
+    "2026-12-05 05:16:14,314\tINFO streaming_executor.py:371 -- ✔️  Dataset dataset_0359Ew execution finished",
+    "2026/12/05 05:15:22 INFO mlflow.store.db.utils: Creating initial MLflow database tables...",
+    "\x1b[36m(TrainController pid=8943)\x1b[0m Requesting resources: {'CPU': 1.5} * 1",
+    "\x1b[36m(TrainController pid=8943)\x1b[0m - (ip=192.0.2.2, pid=9060) world_rank=0, local_rank=0, node_rank=0",
+    "(RayTrainWorker pid=9060) ✔️  Dataset dataset_0359F15g execution finished in 7.46 seconds",
+    "(RayTrainWorker pid=9060) DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully",
+    "[2026-12-05 05:09:24,072] [WARNING] [real_accelerator.py:213:get_accelerator] Setting accelerator to CPU.",
+]
+KEPT = [
+    "rows 16/32  ok 16  failed 0  skipped 0  |  1.16 images/s  |  ETA 13s",
+    "\x1b[36m(RayTrainWorker pid=9060)\x1b[0m step 1/2 | loss 1.1235 | lr 1.00e-03 | 12.0 samples/s | ETA -",
+    "error: source.path: /data/x: no images",
+    "(MapWorker(MapBatches(GenerateStage)) pid=5) WARNING a row's prompt was cut at 77 tokens",
+    "Traceback (most recent call last):",
+]
+
+
+@pytest.mark.parametrize("line", CHATTER)
+def test_library_progress_is_chatter(line):
+    assert is_chatter(line.encode())
+
+
+@pytest.mark.parametrize("line", KEPT)
+def test_pixfleet_lines_warnings_and_errors_are_not(line):
+    assert not is_chatter(line.encode())
+
+
+PROGRAM = textwrap.dedent(
+    """
+    import os, subprocess, sys
+    from pixfleet.console import route_console
+    print("log:", route_console("probe"), file=sys.stderr)
+    print("pixfleet's line")
+    os.write(2, {chatter!r}.encode() + b"\\n")  # as Ray's C++ core worker writes it
+    subprocess.run([sys.executable, "-c", "print('a child process line')"], check=True)
+    sys.stderr.write("the last line, without its newline")
+    """
+)
+
+
+def _run(tmp_path, **env):
+    program = PROGRAM.format(chatter=CHATTER[0])
+    env = {key: value for key, value in os.environ.items() if key != "PIXFLEET_VERBOSE"} | {
+        "PIXFLEET_LOG_DIR": str(tmp_path),
+        **env,
+    }
+    return subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=env, timeout=30)
+
+
+def test_a_routed_process_shows_its_own_lines_and_logs_everything(tmp_path):
+    result = _run(tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "pixfleet's line\na child process line\n"
+    assert "core_worker" not in result.stderr
+    assert result.stderr.endswith("the last line, without its newline")  # drained at exit
+    (log,) = tmp_path.glob("probe-*.log")
+    assert f"log: {log}" in result.stderr
+    logged = log.read_text()
+    for line in ("pixfleet's line", "a child process line", CHATTER[0], "the last line, without its newline"):
+        assert line in logged
+
+
+def test_verbose_routes_nothing(tmp_path):
+    result = _run(tmp_path, PIXFLEET_VERBOSE="1")
+
+    assert result.returncode == 0, result.stderr
+    assert "log: None" in result.stderr and CHATTER[0] in result.stderr
+    assert not list(tmp_path.glob("*.log"))
