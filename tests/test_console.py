@@ -26,6 +26,17 @@ CHATTER = [
     "(RayTrainWorker pid=9060) ✔️  Dataset dataset_0359F15g execution finished in 7.46 seconds",
     "(RayTrainWorker pid=9060) DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully",
     "[2026-12-05 05:09:24,072] [WARNING] [real_accelerator.py:213:get_accelerator] Setting accelerator to CPU.",
+    "\x1b[36m(ServeController pid=3092)\x1b[0m INFO 2026-12-05 05:11:05,321 controller 3092 -- Adding 1 replica",
+    'INFO 2026-12-05 05:11:05,150 serve 2719 -- Started Serve in namespace "serve".',
+    "\x1b[36m(ServeController pid=12823)\x1b[0m WARNING 2026-12-05 05:21:39,026 controller 12823 -- Cannot deregister "
+    "autoscaling state for deployment Deployment(name='ingress', app='cli') because it is not registered",
+    "\x1b[33m(raylet)\x1b[0m Task ServeController.graceful_shutdown failed. There are infinite retries remaining, so "
+    "the task will be retried. Error: The actor is dead",
+    "*** SIGTERM received at time=1796447472 on cpu 0 ***",
+    "PC: @     0x7f29102ed545  (unknown)  clock_nanosleep",
+    "    @ ... and at least 4 more frames",
+    "[2026-12-05 05:11:12,857 E 2719 2719] logging.cc:474:     @     0x7f291025a050  541006472  (unknown)",
+    "[2026-12-05 05:11:12,857 E 2719 2719] logging.cc:474: *** SIGTERM received at time=1796447472 on cpu 0 ***",
 ]
 KEPT = [
     "rows 16/32  ok 16  failed 0  skipped 0  |  1.16 images/s  |  ETA 13s",

@@ -30,6 +30,7 @@ _CHATTER = re.compile(
         (
             # log records below WARNING: Ray's, Ray Data's, MLflow's, DeepSpeed's formats
             r"^\[?\d{4}[-/]\d\d[-/]\d\d[ T][\d:.,]+\]?\s+\[?(INFO|DEBUG)\b",
+            r"^(INFO|DEBUG) \d{4}-\d\d-\d\d ",  # Ray Serve's
             # every Ray Data actor pool logs this, for arguments Ray Data itself puts in the
             # object store (ray-project/ray#57733): it asks nothing of the user
             r"core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in the object store",
@@ -37,6 +38,11 @@ _CHATTER = re.compile(
             r"^(Requesting resources|Attempting to start training worker group|Started training worker group"
             r"|Setting up process group for|Checkpoint successfully created at|Reporting training result)|^- \(ip=",
             r"Dataset \S+ execution finished in",
+            # Ray Serve at every deploy and at its shutdown, about its own bookkeeping
+            r"Cannot deregister autoscaling state for deployment .* because it is not registered"
+            r"|Task ServeController\.graceful_shutdown failed\. There are infinite retries remaining",
+            # the stack Ray's C++ signal handler prints when the user stops a command
+            r"^\*\*\* SIG[A-Z]+ received at time=|^PC: @ |^@ |logging\.cc:\d+: (\*\*\* SIG|PC: @ |\s*@ )",
             # DeepSpeed's one-time op builds and its CPU fallback
             r"^DeepSpeed \S+ built successfully|Setting accelerator to CPU",
         )

@@ -13,6 +13,7 @@ import httpx
 import pytest
 import yaml
 
+from pixfleet.console import is_chatter
 from tests.helpers import kill_group, start_cli
 from tests.serving.conftest import free_port, post_upload, serving_config, write_yaml
 
@@ -41,6 +42,7 @@ def test_pixfleet_serve_answers_then_stops_on_sigterm(tmp_path, tiny_dir):
     time.sleep(0.5)  # the reader thread drains the last lines
     assert process.returncode == 130, "".join(lines)
     assert "stopped serving" in "".join(lines)
+    assert not [line for line in lines if is_chatter(line.encode())]  # Serve's INFO lines: in the log
 
 
 def test_written_serve_config_validates_against_serves_schema(tmp_path, tiny_dir):
