@@ -217,3 +217,21 @@ def make_tiny_captioner(out_dir: str | Path, seed: int = 0) -> Path:
     tokenizer = BertTokenizer(vocab=vocab, bos_token="[DEC]")
     BlipProcessor(BlipImageProcessor(size={"height": 64, "width": 64}), tokenizer).save_pretrained(out_dir)
     return Path(out_dir)
+
+
+def make_tiny_clip(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny random CLIP (text and vision towers, projections) and its processor, the byte-level
+    tokenizer for its text: what the evaluation's CLIP metrics load in tests in place of
+    openai/clip-vit-base-patch16."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    out = Path(out_dir)
+    tokenizer = write_byte_level_tokenizer(out / "tokenizer")
+    torch.manual_seed(seed)
+    text = _text_config(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id).to_dict()
+    vision = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4}
+    vision |= {"image_size": 32, "patch_size": 8}
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=TEXT_HIDDEN)).save_pretrained(out)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
+    return out
