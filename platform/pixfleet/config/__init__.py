@@ -2,6 +2,7 @@
 
 from pixfleet.config.generation import (
     ControlPreprocessConfig,
+    EvaluateConfig,
     GenerationJobConfig,
     GenerationParams,
     PreprocessConfig,
@@ -22,6 +23,7 @@ from pixfleet.config.tracking import TrackingConfig
 __all__ = [
     "ConfigError",
     "ControlPreprocessConfig",
+    "EvaluateConfig",
     "FreeUConfig",
     "GenerationJobConfig",
     "GenerationParams",

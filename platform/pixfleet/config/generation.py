@@ -243,6 +243,37 @@ class ResourcesConfig(StrictModel):
         return self
 
 
+class EvaluateConfig(StrictModel):
+    """Scores for every generated image, in an actor pool of their own after generation: how
+    well it follows its control maps (ControlNet++'s protocol) and its prompt (CLIP score)."""
+
+    controllability: bool = Field(
+        True,
+        description="Run each ControlNet's detector again, with the same settings, on the generated image and "
+        "compare with the control map it got: F1 of the edges (canny), RMSE of the depth (0-255), mIoU of "
+        "the segmentation. Needs a task with ControlNets.",
+    )
+    control: list[ControlPreprocessConfig] = Field(
+        default_factory=list,
+        description="The detector that made each ControlNet's map (one entry per ControlNet, or one for all), "
+        "for maps given ready-made (preprocess detector 'none'): e.g. canny with the thresholds used. Unset: "
+        "preprocess.control.",
+    )
+    clip_model: ModelOrPath | None = Field(
+        None,
+        description="Hub id or folder of a transformers CLIP model (ControlNet++ reports "
+        "openai/clip-vit-base-patch16): the CLIP score of each image and its prompt, and for tasks that edit "
+        "a source image, CLIP's image similarity of the two. Unset: no CLIP metrics.",
+    )
+    actors: int = Field(1, ge=1, description="Evaluation actors, each holding the detectors and CLIP.")
+    num_gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per evaluation actor (a fraction shares one).")
+    num_cpus_per_actor: float = Field(0.25, gt=0, description="CPUs per evaluation actor.")
+
+    def controls(self, preprocess: PreprocessConfig) -> list[ControlPreprocessConfig]:
+        """The detector behind each ControlNet's map: this section's, else the preprocessing's."""
+        return self.control or preprocess.control
+
+
 class GenerationJobConfig(StrictModel):
     """A bulk generation job, as written in `pipelines_cfg/*.yaml`."""
 
@@ -260,6 +291,9 @@ class GenerationJobConfig(StrictModel):
     max_failed_fraction: float = Field(
         0.1, ge=0, le=1, description="Stop with an error when more rows than this fail."
     )
+    evaluate: EvaluateConfig | None = Field(
+        None, description="Score every generated image (controllability, CLIP); unset: no evaluation."
+    )
 
     @model_validator(mode="after")
     def _params_fit_the_model(self) -> GenerationJobConfig:
@@ -267,7 +301,28 @@ class GenerationJobConfig(StrictModel):
         n = self.model.num_controlnets
         if n and len(self.preprocess.control) not in (1, n):
             raise ValueError(f"preprocess.control has {len(self.preprocess.control)} entries for {n} controlnets")
+        if self.evaluate:
+            check_evaluation(self.evaluate, self.model, self.preprocess)
         return self
+
+
+def check_evaluation(evaluate: EvaluateConfig, model: ModelSpec, preprocess: PreprocessConfig) -> None:
+    """ValueError naming the `evaluate` field that cannot work with this model and preprocessing."""
+    n = model.num_controlnets
+    if evaluate.controllability:
+        if not n:
+            raise ValueError(f"evaluate.controllability: task {model.task!r} has no ControlNet to measure")
+        if len(evaluate.control) not in (0, 1, n):
+            raise ValueError(f"evaluate.control has {len(evaluate.control)} entries for {n} controlnets")
+        for i, control in enumerate(evaluate.controls(preprocess)):
+            if control.detector == "none":
+                raise ValueError(
+                    f"evaluate.control: the map of ControlNet {i} is given ready-made (preprocess detector 'none'); "
+                    "name the detector that made it, e.g. evaluate.control: [{detector: canny, low_threshold: 100, "
+                    "high_threshold: 200}]"
+                )
+    elif evaluate.clip_model is None:
+        raise ValueError("evaluate: nothing to measure (controllability is off and no clip_model is given)")
 
 
 def given_parameters(values: Mapping[str, Any]) -> list[str]:

@@ -29,6 +29,11 @@ PROMPT_TOKENS = "prompt_tokens"  # tokens of the prompt, start and end tokens in
 PROMPT_TRUNCATED = "prompt_truncated"  # the text encoder saw only the first tokens
 GENERATE_SECONDS = "generate_s"  # this image's share of its pipeline call
 OUTPUT_PATH = "output_path"
+CONTROL_SCORES = "control_scores"  # evaluate: per ControlNet, how well the image follows its map
+CONTROL_METRICS = "control_metrics"  # evaluate: per ControlNet, the metric of its score (edge_f1, ...)
+CLIP_SCORE = "clip_score"  # evaluate: 100 * max(cos, 0) of the image and its prompt
+CLIP_IMAGE_SIMILARITY = "clip_image_similarity"  # evaluate: cos of the image and its source image
+SCORE_COLUMNS = (CONTROL_SCORES, CONTROL_METRICS, CLIP_SCORE, CLIP_IMAGE_SIMILARITY)
 
 OK, FAILED, SKIPPED = "ok", "failed", "skipped"
 PLANNED = "planned"  # a dry run's row: everything checked, nothing generated

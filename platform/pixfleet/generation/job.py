@@ -53,6 +53,7 @@ class GenerationSummary(Counts):
     dry_run: bool = False
     mlflow_run_id: str | None = None
     failures: list[str] = field(default_factory=list)  # "source_ref: reason", in arrival order
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)  # the evaluate section's, per score
 
     @property
     def images_per_second(self) -> float:
@@ -85,6 +86,11 @@ class GenerationSummary(Counts):
             f"output             {self.output_dir}",
             f"gallery            {self.output_dir}/{page_name(1)}",
             f"mlflow run         {self.mlflow_run_id or '-'}",
+        ]
+        lines += [
+            f"score              {name}: mean {s['mean']:.4g} (p5 {s['p5']:.4g}, p50 {s['p50']:.4g}, "
+            f"p95 {s['p95']:.4g}) over {int(s['count'])} images"
+            for name, s in self.scores.items()
         ]
         return "\n".join(lines + failure_lines(self.failures, MANIFEST_FILE))
 
@@ -167,6 +173,7 @@ def run_generation(
             summary.seconds = time.perf_counter() - start
             progress.close(summary)
             merged = ray.get(run_beside(finish_output, target, gallery=not dry_run))
+            summary.scores = merged.scores
             if mlflow:
                 _log_run(mlflow, summary, merged, target)
     return summary
@@ -211,6 +218,7 @@ def _log_run(mlflow, summary: GenerationSummary, merged: MergeResult, output: Lo
             "generate_s": summary.generate_seconds,
             "accelerator_hours": summary.accelerator_hours,
             "manifest_rows": merged.rows,
+            **{f"{name}.{stat}": value for name, stats in merged.scores.items() for stat, value in stats.items()},
         }
     )
     if merged.sample_outputs:

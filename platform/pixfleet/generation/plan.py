@@ -5,6 +5,7 @@
     preprocess  fitted images, control maps                (CPU actor pool)
     detect      maps of model detectors (depth, ...)       (actor pool, GPU or CPU; when asked for)
     generate    one row per image                          (actor pool, one pipeline each)
+    evaluate    controllability and CLIP scores            (actor pool, GPU or CPU; when asked for)
     encode      PNG/JPEG/WebP bytes + A1111 parameters     (CPU tasks)
     write       image files + manifest part per batch      (CPU tasks, fused with encode)
 
@@ -31,6 +32,7 @@ from pixfleet.generation.stages.decode_stage import DecodeStage
 from pixfleet.generation.stages.detect_stage import DetectStage
 from pixfleet.generation.stages.dry_run_stage import DryRunStage
 from pixfleet.generation.stages.encode_stage import EncodeStage
+from pixfleet.generation.stages.evaluate_stage import EvaluateStage
 from pixfleet.generation.stages.generate_stage import GenerateStage
 from pixfleet.generation.stages.preprocess_stage import PreprocessStage
 from pixfleet.generation.stages.write_stage import WriteStage
@@ -89,9 +91,13 @@ def plan_stages(
             DryRunStage.plan(job.model, columns, job.resources),
             WriteStage.plan(sink, model, job.model.num_controlnets),
         ]
+    evaluate = [EvaluateStage.plan(job, columns)] if job.evaluate else []
+    passed = tuple(column for stage in evaluate for column in stage.needs if column in columns)
+    size = (job.preprocess.width, job.preprocess.height)
     return [
         *stages,
-        GenerateStage.plan(job.model, columns, (job.preprocess.width, job.preprocess.height), job.resources),
+        GenerateStage.plan(job.model, columns, size, job.resources, passed),
+        *evaluate,
         EncodeStage.plan(sink, model, job.preprocess),
         WriteStage.plan(sink, model, job.model.num_controlnets),
     ]

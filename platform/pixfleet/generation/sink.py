@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pixfleet.engine import columns as C
+from pixfleet.evaluation.summary import ScoreTally
 from pixfleet.storage import Location
 
 MANIFEST_SCHEMA = pa.schema(
@@ -70,6 +71,11 @@ MANIFEST_SCHEMA = pa.schema(
         ("model_hash", pa.string()),  # A1111's short `Model hash` of the base model
         (C.GENERATE_SECONDS, pa.float64()),
         ("write_s", pa.float64()),
+        # with an `evaluate` section; null without one (and for rows the scorers could not process)
+        (C.CONTROL_SCORES, pa.list_(pa.float64())),
+        (C.CONTROL_METRICS, pa.list_(pa.string())),
+        (C.CLIP_SCORE, pa.float64()),
+        (C.CLIP_IMAGE_SIMILARITY, pa.float64()),
     ]
 )
 # What each written row reports back to the driver (counts, failures, timings).
@@ -165,6 +171,7 @@ class MergeResult:
     failed: int = 0
     parts_merged: int = 0
     sample_outputs: list[str] = field(default_factory=list)
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)  # ScoreTally.summary of the records
 
 
 class Manifest:
@@ -219,6 +226,7 @@ class Manifest:
         last = np.r_[(digests[1:] != digests[:-1]) | (index[1:] != index[:-1]), True]
         keep = np.zeros(len(position), dtype=bool)
         keep[order[last]] = True
+        scores = ScoreTally()
         with tempfile.TemporaryDirectory(prefix="pixfleet-merge-") as scratch:
             merged = Path(scratch) / MANIFEST_FILE
             with pq.ParquetWriter(merged, MANIFEST_SCHEMA) as writer:
@@ -226,7 +234,9 @@ class Manifest:
                     table = _read_table(file).filter(pa.array(keep[keys.file == number]))
                     writer.write_table(table)
                     _tally(result, table)
+                    scores.add(table)
             self.merged.put_file(merged)
+        result.scores = scores.summary()
         for part in files[1:] if files[0] == self.merged else files:
             part.delete()
             result.parts_merged += 1

@@ -2,6 +2,7 @@
 
 Needs: row_id, status, prompt, params, seed, source_ref, input_files and the task's image columns.
 Adds:  image (HWC uint8), image_index, sampler, prompt_tokens, prompt_truncated, generate_s;
+       the image columns a later stage asks for (`passed`: the evaluate stage's) go on with them;
 one output row per image, so a row asking `num_images_per_prompt=k` yields k rows. Failed and
 skipped rows pass through. `generate_s` is each image's share of its pipeline call, so the
 column sums to the time the actor spent generating. The pipeline call itself is
@@ -41,7 +42,14 @@ ADDS = (
 class GenerateStage:
     """Callable class for `map_batches(compute=ActorPoolStrategy(...))`."""
 
-    def __init__(self, spec: ModelSpec, image_columns: list[str], size: tuple[int, int], batch_size: int):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        image_columns: list[str],
+        size: tuple[int, int],
+        batch_size: int,
+        passed: tuple[str, ...] = (),
+    ):
         from pixfleet.engine.runner import PipelineRunner  # here: the driver plans this stage without torch
 
         self.runner = PipelineRunner.load(spec)
@@ -50,15 +58,21 @@ class GenerateStage:
             seconds = self.runner.warm_up(*size, batch_size=batch_size)
             logger.info("generate actor warmed up in %.1f s at %dx%d, batch %d", seconds, *size, batch_size)
         self.image_columns = image_columns
+        self.passed = passed
         self.needs = self.columns_needed(image_columns)
 
     @classmethod
     def plan(
-        cls, spec: ModelSpec, image_columns: list[str], size: tuple[int, int], resources: ResourcesConfig
+        cls,
+        spec: ModelSpec,
+        image_columns: list[str],
+        size: tuple[int, int],
+        resources: ResourcesConfig,
+        passed: tuple[str, ...] = (),
     ) -> PlannedStage:
         threads = {"env_vars": {"OMP_NUM_THREADS": str(resources.torch_threads)}} if resources.torch_threads else None
         options = {
-            "fn_constructor_args": (spec, image_columns, size, resources.batch_size),
+            "fn_constructor_args": (spec, image_columns, size, resources.batch_size, passed),
             "batch_size": resources.batch_size,
             "num_cpus": resources.num_cpus_per_actor,
             "num_gpus": resources.num_gpus_per_actor,
@@ -67,7 +81,7 @@ class GenerateStage:
             ),
             "runtime_env": threads,
         }
-        return PlannedStage(cls, cls.columns_needed(image_columns), ADDS, options)
+        return PlannedStage(cls, cls.columns_needed(image_columns), (*ADDS, *passed), options)
 
     @staticmethod
     def columns_needed(image_columns: list[str]) -> tuple[str, ...]:
@@ -129,4 +143,5 @@ class GenerateStage:
             C.PROMPT_TOKENS: tokens,
             C.PROMPT_TRUNCATED: tokens > self.runner.max_prompt_tokens,
             C.GENERATE_SECONDS: seconds,
+            **{column: row[column] for column in self.passed},
         }

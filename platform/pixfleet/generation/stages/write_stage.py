@@ -2,7 +2,8 @@
 
 Needs: row_id, image_index, status, error, source_ref, input_files, prompt, params, seed,
        sampler, prompt_tokens, prompt_truncated, generate_s, encoded, width, height.
-Adds:  output_path (and control_maps in the manifest); returns only the columns the driver
+Adds:  output_path (and control_maps in the manifest, the evaluate stage's scores when it
+       ran); returns only the columns the driver
        counts (`sink.DRIVER_COLUMNS`).
 """
 
@@ -95,6 +96,7 @@ class WriteStage:
                     "model_hash": self.model_hash,
                     C.GENERATE_SECONDS: row[C.GENERATE_SECONDS],
                     "write_s": time.perf_counter() - start,
+                    **{name: row.get(name) for name in C.SCORE_COLUMNS},  # with an `evaluate` section
                 }
             )
         written = [r for r in records if r[C.STATUS] != C.SKIPPED]

@@ -1,0 +1,43 @@
+"""A job's scores summed up from its manifest: mean and percentiles of each, for MLflow and the
+job's summary. Runs in the merge task (numpy and pyarrow only), which reads every record once."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import pyarrow as pa
+
+from pixfleet.engine import columns as C
+
+PERCENTILES = (5, 50, 95)
+
+
+class ScoreTally:
+    """The scores of the merged records, one float array per score, kept in the merge task."""
+
+    def __init__(self):
+        self.values: dict[str, list[np.ndarray]] = defaultdict(list)
+
+    def add(self, table: pa.Table) -> None:
+        for name in (C.CLIP_SCORE, C.CLIP_IMAGE_SIMILARITY):
+            column = table.column(name).drop_null()
+            if len(column):
+                self.values[name].append(column.to_numpy())
+        scores, metrics = table.column(C.CONTROL_SCORES).to_pylist(), table.column(C.CONTROL_METRICS).to_pylist()
+        by_name: dict[str, list[float]] = defaultdict(list)
+        for row_scores, row_metrics in zip(scores, metrics, strict=True):
+            for index, (score, metric) in enumerate(zip(row_scores or (), row_metrics or (), strict=True)):
+                by_name[f"control_{index}.{metric}"].append(score)
+        for name, values in by_name.items():
+            self.values[name].append(np.asarray(values, dtype=np.float64))
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """{score: {count, mean, p5, p50, p95}} over the records that have it."""
+        result = {}
+        for name, parts in sorted(self.values.items()):
+            values = np.concatenate(parts)
+            stats = {"count": float(len(values)), "mean": float(values.mean())}
+            stats |= {f"p{q}": float(p) for q, p in zip(PERCENTILES, np.percentile(values, PERCENTILES), strict=True)}
+            result[name] = stats
+        return result
