@@ -43,7 +43,8 @@ def rendered_dom(page) -> str:
 
 @pytest.fixture(scope="module")
 def job_output(tiny_dir, fill50k_dir, tmp_path_factory):
-    """A job with saved control maps over 6 fill50k rows, one of them pointing at a missing file."""
+    """A job with saved control maps and scores over 6 fill50k rows, one of them pointing at a
+    missing file."""
     root = tmp_path_factory.mktemp("gallery")
     rows = pd.read_json(fill50k_dir / "metadata.jsonl", lines=True).head(6)
     rows["conditioning_image_file_name"] = [str(fill50k_dir / p) for p in rows["conditioning_image_file_name"]]
@@ -58,6 +59,7 @@ def job_output(tiny_dir, fill50k_dir, tmp_path_factory):
         out,
         sink={"save_control_maps": True},
         preprocess={"control": [{"detector": "canny"}]},
+        evaluate={},  # each image's canny F1 against its map
         max_failed_fraction=0.5,
     )
     run_generation(job)
@@ -91,3 +93,19 @@ def test_pages_link_up_for_long_jobs(job_output, monkeypatch):
     assert 'href="gallery-2.html">next' in first and 'href="gallery.html">first' in second
     assert first.count("<tr class=") == 4 and second.count("<tr class=") == 2
     assert 'loading="lazy"' not in first  # the first rows of a page load at once
+
+
+def test_every_row_shows_its_scores_and_a_page_lists_the_worst_followers_first(job_output):
+    manifest = pd.read_parquet(job_output / "manifest.parquet")
+    ok = manifest[manifest[C.STATUS] == C.OK]
+    f1 = {row: scores[0] for row, scores in zip(ok[C.ROW_ID], ok[C.CONTROL_SCORES], strict=True)}
+    first = gallery.write_gallery(job_output).read_text()  # one page again (another test wrote two)
+    assert first.count("edge_f1 ") == 5 and f'href="{gallery.WORST_PAGE}">worst first' in first
+
+    worst = (job_output / gallery.WORST_PAGE).read_text()
+    shown = re.findall(r'src="images/(\w+)\.png"', worst)  # the outputs, relative to the page
+    assert shown == sorted(f1, key=f1.get)  # lowest F1 first, every scored image once
+    assert "the 5 images that follow their control least (edge_f1, worst first)" in worst
+    if CHROMIUM:
+        dom = rendered_dom(job_output / gallery.WORST_PAGE)
+        assert re.search(r'data-images-loaded="(\d+)"', dom).group(1) == "15"

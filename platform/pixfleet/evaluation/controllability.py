@@ -10,9 +10,7 @@ from pixfleet.config import ControlPreprocessConfig
 from pixfleet.engine.detectors import load_detector
 from pixfleet.evaluation.metrics import depth_rmse, edge_f1, palette_labels, segmentation_miou
 
-# Each detector's metric, and whether a higher value means the image follows its map better.
 METRIC_OF_DETECTOR = {"canny": "edge_f1", "depth": "depth_rmse", "segmentation": "segmentation_miou"}
-HIGHER_IS_BETTER = {"edge_f1": True, "depth_rmse": False, "segmentation_miou": True}
 
 
 class ControllabilityScorer:

@@ -11,6 +11,9 @@ import pyarrow as pa
 from pixfleet.engine import columns as C
 
 PERCENTILES = (5, 50, 95)
+# Each controllability metric (see `controllability.METRIC_OF_DETECTOR`), and whether a higher
+# value means the image follows its map better.
+HIGHER_IS_BETTER = {"edge_f1": True, "depth_rmse": False, "segmentation_miou": True}
 
 
 class ScoreTally:
@@ -41,3 +44,11 @@ class ScoreTally:
             stats |= {f"p{q}": float(p) for q, p in zip(PERCENTILES, np.percentile(values, PERCENTILES), strict=True)}
             result[name] = stats
         return result
+
+
+def control_badness(scores, metrics) -> float | None:
+    """How little an image follows its first ControlNet's map, larger for worse (its score,
+    negated where higher is better); None without scores."""
+    if scores is None or metrics is None or not len(scores):
+        return None
+    return -float(scores[0]) if HIGHER_IS_BETTER[metrics[0]] else float(scores[0])

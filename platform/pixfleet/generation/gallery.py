@@ -1,12 +1,14 @@
 """A static HTML gallery of a generation job, from its `manifest.parquet`.
 
 One row per input row: its input images, its control maps (with `sink.save_control_maps`),
-its outputs, prompt, seed and parameters; failed rows show their reason. Pages of
-`PAGE_ROWS` rows (`gallery.html`, `gallery-2.html`, ...) link to each other, and images load
-lazily. A job of millions of rows gets the first `MAX_ROWS` rows of its manifest and the
-first `MAX_FAILED` failures (the manifest has the rest); the manifest is read a batch at a
-time. Image paths are relative to the output folder, which can be moved or served as it is
-(a bucket's static website, say); the pages live beside the images, locally or in the store.
+its outputs, prompt, seed, parameters and scores (with an `evaluate` section); failed rows show
+their reason. Pages of `PAGE_ROWS` rows (`gallery.html`, `gallery-2.html`, ...) link to each
+other, and images load lazily. With scores, `gallery-worst.html` lists the `PAGE_ROWS` images of
+the whole manifest that follow their (first) ControlNet's map least, worst first. A job of
+millions of rows gets the first `MAX_ROWS` rows of its manifest and the first `MAX_FAILED`
+failures (the manifest has the rest); the manifest is read a batch at a time. Image paths are
+relative to the output folder, which can be moved or served as it is (a bucket's static
+website, say); the pages live beside the images, locally or in the store.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from pixfleet.engine import columns as C
+from pixfleet.evaluation.summary import control_badness
 from pixfleet.generation.sink import MANIFEST_FILE, Manifest, MergeResult
 from pixfleet.storage import Location
 
@@ -27,6 +30,8 @@ PAGE_ROWS = 200
 MAX_ROWS = 10_000  # ok rows shown: 50 pages
 MAX_FAILED = 2_000
 EAGER_ROWS = 12  # the first rows of a page load at once, the rest as they scroll into view
+WORST_PAGE = "gallery-worst.html"
+BADNESS = "badness"  # a gallery-only column: `control_badness` of a record
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; }
 table { border-collapse: collapse; }
@@ -58,22 +63,34 @@ def page_name(number: int) -> str:
 def write_gallery(output_dir: str | Location) -> Location:
     """Write the gallery pages of `output_dir` from its manifest; the Location of the first page."""
     root = output_dir if isinstance(output_dir, Location) else Location.of(output_dir)
-    records, total = _first_records(root / MANIFEST_FILE)
+    records, worst, total = _read_manifest(root / MANIFEST_FILE)
     rows = _rows(records)
     pages = max(1, -(-len(rows) // PAGE_ROWS))
+    shown = (
+        f" (the first {MAX_ROWS} and {MAX_FAILED} failures shown; all in {MANIFEST_FILE})" if total > MAX_ROWS else ""
+    )
     for number in range(1, pages + 1):
         chunk = rows[(number - 1) * PAGE_ROWS : number * PAGE_ROWS]
-        (root / page_name(number)).write_text(_page(root, chunk, number, pages, total))
+        heading = f"{html.escape(root.name)}: {total} rows{shown}, page {number} of {pages}"
+        nav = _nav(number, pages, worst_page=not worst.empty)
+        (root / page_name(number)).write_text(_page(root, chunk, heading, nav))
+    if not worst.empty:
+        first = worst[C.CONTROL_METRICS].iloc[0][0]
+        heading = (
+            f"{html.escape(root.name)}: the {len(worst)} images that follow their control least ({first}, worst first)"
+        )
+        (root / WORST_PAGE).write_text(_page(root, _rows(worst, worst_first=True), heading, _nav(0, pages, True)))
     for stale in root.files((".html",), recursive=False):  # from an earlier, longer run
-        if stale.stem.startswith("gallery-") and int(stale.stem.rsplit("-", 1)[1]) > pages:
+        number = stale.stem.rsplit("-", 1)[-1]
+        if (number.isdigit() and int(number) > pages) or (stale.name == WORST_PAGE and worst.empty):
             stale.delete()
     return root / page_name(1)
 
 
-def _first_records(manifest: Location) -> tuple[pd.DataFrame, int]:
-    """The manifest's first MAX_ROWS ok records and first MAX_FAILED failed ones, and how many
-    rows it has in all, reading it a batch at a time."""
-    kept, ok, failed, total = [], 0, 0, 0
+def _read_manifest(manifest: Location) -> tuple[pd.DataFrame, pd.DataFrame, int]:
+    """The manifest's first MAX_ROWS ok records and first MAX_FAILED failed ones, its PAGE_ROWS
+    worst-scored ok records, and how many rows it has in all, reading it a batch at a time."""
+    kept, worst, ok, failed, total = [], pd.DataFrame(), 0, 0, 0
     with manifest.open_input_file() as f:
         for batch in pq.ParquetFile(f).iter_batches(batch_size=4096):
             frame = batch.to_pandas()
@@ -82,11 +99,19 @@ def _first_records(manifest: Location) -> tuple[pd.DataFrame, int]:
             kept.append(frame[is_ok].head(max(0, MAX_ROWS - ok)))
             kept.append(frame[~is_ok].head(max(0, MAX_FAILED - failed)))
             ok, failed = ok + len(kept[-2]), failed + len(kept[-1])
-    return pd.concat(kept, ignore_index=True), total
+            if C.CONTROL_SCORES in frame:  # manifests written before evaluation have no scores
+                done = frame[is_ok]
+                badness = map(control_badness, done[C.CONTROL_SCORES], done[C.CONTROL_METRICS])
+                scored = done.assign(**{BADNESS: list(badness)}).dropna(subset=[BADNESS])
+                worst = pd.concat([worst, scored]).nlargest(PAGE_ROWS, BADNESS) if len(scored) else worst
+    return pd.concat(kept, ignore_index=True), worst, total
 
 
-def _rows(manifest: pd.DataFrame) -> list[dict]:
-    """One entry per input row, its images gathered, failed rows last."""
+def _rows(manifest: pd.DataFrame, worst_first: bool = False) -> list[dict]:
+    """One entry per input row, its images gathered, failed rows last; or, `worst_first`, one
+    entry per image, the worst-scored first."""
+    if worst_first:
+        return [{**r, "outputs": [r[C.OUTPUT_PATH]], "seeds": [r[C.SEED]]} for r in manifest.to_dict("records")]
     rows = []
     for _, images in manifest.sort_values([C.ROW_ID, C.IMAGE_INDEX]).groupby(C.ROW_ID, sort=False):
         first = images.iloc[0].to_dict()
@@ -101,24 +126,29 @@ def _natural(text: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
-def _page(root: Location, rows: list[dict], number: int, pages: int, total: int) -> str:
-    nav = "".join(
+def _nav(number: int, pages: int, worst_page: bool) -> str:
+    """Links to the first, previous, next and last pages (from page `number`; 0 is the worst page)."""
+    links = [
         f'<a href="{page_name(n)}">{label}</a>'
         for n, label in ((1, "first"), (number - 1, "previous"), (number + 1, "next"), (pages, "last"))
-        if 1 <= n <= pages and n != number
-    )
+        if 1 <= n <= pages and n != number and (number or label == "first")
+    ]
+    if worst_page and number:
+        links.append(f'<a href="{WORST_PAGE}">worst first</a>')
+    return "".join(links)
+
+
+def _page(root: Location, rows: list[dict], heading: str, nav: str) -> str:
     body = "\n".join(_row(root, row, index < EAGER_ROWS) for index, row in enumerate(rows))
-    shown = (
-        f" (the first {MAX_ROWS} and {MAX_FAILED} failures shown; all in {MANIFEST_FILE})" if total > MAX_ROWS else ""
-    )
     return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>pixfleet gallery {number}/{pages}</title><style>{_STYLE}</style></head>
+<html><head><meta charset="utf-8"><title>pixfleet gallery: {heading}</title><style>{_STYLE}</style></head>
 <body>
-<h1>{html.escape(root.name)}: {total} rows{shown}, page {number} of {pages}</h1>
+<h1>{heading}</h1>
 <p id="broken"></p>
 <nav>{nav}</nav>
 <table>
-<tr><th>input</th><th>control map</th><th>output</th><th>prompt</th><th>seed</th><th>parameters</th></tr>
+<tr><th>input</th><th>control map</th><th>output</th><th>prompt</th><th>seed</th><th>parameters</th>
+<th>scores</th></tr>
 {body}
 </table>
 <nav>{nav}</nav>
@@ -143,15 +173,24 @@ def _row(root: Location, row: dict, eager: bool) -> str:
 
     if row[C.STATUS] == C.FAILED:  # its inputs by name: one may be what is missing
         names = "<br>".join(html.escape(p) for p in row[C.INPUT_FILES] if p) or html.escape(str(row[C.SOURCE_REF]))
-        return f'<tr class="failed"><td>{names}</td><td colspan="5">failed: {html.escape(str(row[C.ERROR]))}</td></tr>'
+        return f'<tr class="failed"><td>{names}</td><td colspan="6">failed: {html.escape(str(row[C.ERROR]))}</td></tr>'
     params = {k: row.get(k) for k in ("num_inference_steps", "guidance_scale", "image_guidance_scale", "strength")}
     params = {k: v for k, v in params.items() if v is not None and v == v}  # NaN for unset columns
     seeds = ", ".join(str(s) for s in row["seeds"])
     return (
         f'<tr class="ok"><td>{images(row[C.INPUT_FILES])}</td><td>{images(row[C.CONTROL_MAPS])}</td>'
         f"<td>{images(row['outputs'])}</td><td>{html.escape(str(row[C.PROMPT]))}</td><td>{seeds}</td>"
-        f'<td class="params">{html.escape(json.dumps(params))}<br>{html.escape(str(row[C.SOURCE_REF]))}</td></tr>'
+        f'<td class="params">{html.escape(json.dumps(params))}<br>{html.escape(str(row[C.SOURCE_REF]))}</td>'
+        f'<td class="params">{_scores(row)}</td></tr>'
     )
+
+
+def _scores(row: dict) -> str:
+    """The row's scores (its first image's), one per line: `edge_f1 0.8123`, `clip_score 31.2`."""
+    scores = row.get(C.CONTROL_SCORES)
+    named = list(zip(row.get(C.CONTROL_METRICS), scores, strict=True)) if scores is not None else []
+    named += [(name, row.get(name)) for name in (C.CLIP_SCORE, C.CLIP_IMAGE_SIMILARITY)]
+    return "<br>".join(f"{name} {value:.4g}" for name, value in named if value is not None and value == value)
 
 
 def finish_output(target: Location, gallery: bool) -> MergeResult:
