@@ -38,9 +38,18 @@ def test_annotation_stands_on_generation_and_no_job_imports_it():
     """`pixfleet annotate` reuses the generation plan's sources and detect stage; the other way
     round nothing depends on it."""
     assert any("generation" in packages for packages in imported_packages("annotation").values())
-    for folder in (*JOBS, "engine", "models", "config", "data"):
+    for folder in (*JOBS, "engine", "models", "config", "data", "evaluation", "comparison"):
         for path, packages in imported_packages(folder).items():
             assert "annotation" not in packages, f"{path} imports annotation"
+
+
+def test_comparison_stands_on_generation_and_evaluation_and_nothing_imports_it():
+    """`pixfleet eval` runs generation jobs and compares their scores; nothing depends on it."""
+    used = set().union(*imported_packages("comparison").values())
+    assert {"generation", "evaluation"} <= used
+    for folder in (*JOBS, "engine", "models", "config", "data", "evaluation", "annotation"):
+        for path, packages in imported_packages(folder).items():
+            assert "comparison" not in packages, f"{path} imports comparison"
 
 
 def test_the_engine_imports_neither_ray_nor_mlflow():

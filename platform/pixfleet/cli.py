@@ -23,7 +23,7 @@ app.add_typer(data_app, name="data")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(config_app, name="config")
 
-ConfigKind = StrEnum("ConfigKind", {kind: kind for kind in ("generate", "train", "serve", "annotate")})
+ConfigKind = StrEnum("ConfigKind", {kind: kind for kind in ("generate", "train", "serve", "annotate", "eval")})
 AnnotatorKind = StrEnum("AnnotatorKind", {kind: kind for kind in ("depth", "segmentation", "caption")})
 TaskName = StrEnum("TaskName", {task: task for task in TASKS})
 ArchName = StrEnum("ArchName", {arch: arch for arch in ARCHITECTURES})
@@ -257,6 +257,35 @@ def annotate(
     from pixfleet.config.annotation import AnnotateJobConfig
 
     _run_bulk_job(AnnotateJobConfig, run_annotation, config, set_, address, ray_progress)
+
+
+@app.command("eval")
+def eval_models(
+    config: Annotated[Path, typer.Argument(help="Eval YAML: a held-out set, the models, the metrics.")],
+    set_: SetOption = None,
+    address: AddressOption = None,
+    ray_progress: RayProgressOption = False,
+    promote: Annotated[
+        str | None,
+        typer.Option(
+            help="Move this registry alias (e.g. champion) to the challenger's version when the config's "
+            "promotion rule passes; the decision is tagged on the version either way."
+        ),
+    ] = None,
+) -> None:
+    """Measure models on a held-out set with the same seeds and parameters: controllability and
+    CLIP scores with 95% bootstrap intervals, one MLflow run with a child per model, a comparison
+    table; with --promote, promotion by the numbers.
+
+    Example: pixfleet eval pipelines_cfg/eval_tiny.yaml --promote champion
+
+    Exit codes: 0 done (promoted or not: see the table); 2 a config, source or model problem.
+    """
+    _route_console("eval")
+    from pixfleet.comparison.job import run_eval
+    from pixfleet.config.evaluation import EvalJobConfig
+
+    _run_bulk_job(EvalJobConfig, run_eval, config, set_, address, ray_progress, promote=promote)
 
 
 @app.command()

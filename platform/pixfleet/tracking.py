@@ -122,7 +122,7 @@ def mlflow_run(config: TrackingConfig, run_name: str, params: Mapping[str, Any])
         opening.join()
     mlflow = _open_experiment(config)
     with sigterm_raises():
-        mlflow.start_run(run_name=run_name)
+        mlflow.start_run(run_name=run_name, nested=mlflow.active_run() is not None)  # a child of `pixfleet eval`
         try:
             mlflow.log_params(flatten(params))
             yield mlflow

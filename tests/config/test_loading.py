@@ -9,16 +9,18 @@ import yaml
 
 from pixfleet.config import ConfigError, GenerationJobConfig, load_config
 from pixfleet.config.annotation import AnnotateJobConfig
+from pixfleet.config.evaluation import EvalJobConfig
 from pixfleet.config.serving import ServingConfig
 from pixfleet.config.training import TrainingJobConfig
 
 PIPELINES_CFG = Path(__file__).resolve().parents[2] / "pipelines_cfg"
 GENERATION_YAMLS = sorted(
-    p for p in PIPELINES_CFG.glob("*.yaml") if not p.name.startswith(("train_", "serve_", "annotate_"))
+    p for p in PIPELINES_CFG.glob("*.yaml") if not p.name.startswith(("train_", "serve_", "annotate_", "eval_"))
 )
 ANNOTATE_YAMLS = sorted(PIPELINES_CFG.glob("annotate_*.yaml"))
 TRAINING_YAMLS = sorted(PIPELINES_CFG.glob("train_*.yaml"))
 SERVING_YAMLS = sorted(PIPELINES_CFG.glob("serve_*.yaml"))
+EVAL_YAMLS = sorted(PIPELINES_CFG.glob("eval_*.yaml"))
 
 
 def test_the_seed_pipelines_are_shipped():
@@ -56,6 +58,14 @@ def test_every_annotate_yaml_validates(project_dir, monkeypatch, path):
     job = load_config(AnnotateJobConfig, path)
     assert job.name == path.stem
     assert job.detector.detector == "depth" and job.caption.model
+
+
+@pytest.mark.parametrize("path", EVAL_YAMLS, ids=lambda p: p.stem)
+def test_every_eval_yaml_validates(project_dir, monkeypatch, path):
+    monkeypatch.chdir(project_dir)
+    job = load_config(EvalJobConfig, path)
+    assert [entry.name for entry in job.models] == ["champion", "challenger"]
+    assert job.promotion.primary == "control_0.edge_f1" and "clip_score" in job.promotion.guards
 
 
 def test_the_16_12_and_8_gb_recipes_of_train_controlnet_are_shipped(project_dir, monkeypatch):

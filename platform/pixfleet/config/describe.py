@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from pixfleet.config.annotation import AnnotateJobConfig
+from pixfleet.config.evaluation import EvalJobConfig
 from pixfleet.config.generation import GenerationJobConfig
 from pixfleet.config.loading import ConfigError
 from pixfleet.config.serving import ServingConfig
@@ -24,6 +25,7 @@ KINDS: dict[str, type[BaseModel]] = {
     "train": TrainingJobConfig,
     "serve": ServingConfig,
     "annotate": AnnotateJobConfig,
+    "eval": EvalJobConfig,
 }
 _BOUNDS = {
     annotated_types.Ge: (">=", "ge"),
@@ -47,7 +49,7 @@ def kind_of(data: dict[str, Any]) -> str:
     if "train" in data:
         return "train"
     if "models" in data:
-        return "serve"
+        return "eval" if "source" in data else "serve"
     if "detector" in data:
         return "annotate"
     return "generate"

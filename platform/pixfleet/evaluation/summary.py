@@ -11,9 +11,15 @@ import pyarrow as pa
 from pixfleet.engine import columns as C
 
 PERCENTILES = (5, 50, 95)
-# Each controllability metric (see `controllability.METRIC_OF_DETECTOR`), and whether a higher
-# value means the image follows its map better.
-HIGHER_IS_BETTER = {"edge_f1": True, "depth_rmse": False, "segmentation_miou": True}
+# Each metric (the controllability ones: `controllability.METRIC_OF_DETECTOR`), and whether a
+# higher value is better: the image follows its map, or its prompt, more closely.
+HIGHER_IS_BETTER = {
+    "edge_f1": True,
+    "depth_rmse": False,
+    "segmentation_miou": True,
+    "clip_score": True,
+    "clip_image_similarity": True,
+}
 
 
 class ScoreTally:
@@ -52,3 +58,11 @@ def control_badness(scores, metrics) -> float | None:
     if scores is None or metrics is None or not len(scores):
         return None
     return -float(scores[0]) if HIGHER_IS_BETTER[metrics[0]] else float(scores[0])
+
+
+def greater_is_better(score: str) -> bool:
+    """The direction of a score by its name (`control_0.edge_f1`, `clip_score`)."""
+    metric = score.rsplit(".", 1)[-1]
+    if metric not in HIGHER_IS_BETTER:
+        raise ValueError(f"{score}: not a score pixfleet computes ({', '.join(HIGHER_IS_BETTER)})")
+    return HIGHER_IS_BETTER[metric]

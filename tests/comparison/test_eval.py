@@ -1,0 +1,160 @@
+"""`pixfleet eval`: figures with their intervals, the promotion rule, and the registry's alias
+moved (or not) by the numbers."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pixfleet.comparison.report import decide
+from pixfleet.config.evaluation import EvalJobConfig, PromotionConfig
+from pixfleet.evaluation.statistics import bootstrap_mean, paired_difference
+from tests.helpers import register_controlnet, tiny_spec
+
+pytestmark = pytest.mark.timeout(300)
+RNG = np.random.default_rng(3)
+
+
+def test_a_bootstrap_interval_holds_the_mean_and_narrows_with_more_images():
+    small, large = RNG.normal(0.5, 0.1, 25), RNG.normal(0.5, 0.1, 2500)
+    figures = [bootstrap_mean(values, 1000) for values in (small, large)]
+    for figure, values in zip(figures, (small, large), strict=True):
+        assert figure.low < figure.mean < figure.high and figure.count == len(values)
+        assert figure.mean == pytest.approx(values.mean())
+        # the percentile interval of the mean: about 1.96 standard errors either side
+        assert figure.high - figure.low == pytest.approx(2 * 1.96 * values.std() / np.sqrt(len(values)), rel=0.2)
+    assert figures[1].high - figures[1].low < (figures[0].high - figures[0].low) / 5
+    assert bootstrap_mean(np.full(10, 0.3), 200) == bootstrap_mean(np.full(10, 0.3), 200)  # seeded, exact
+
+
+def test_a_paired_difference_cancels_what_the_rows_share():
+    index = pd.Index(range(50))
+    hardness = pd.Series(RNG.normal(0, 1, 50), index)  # rows hard or easy for every model
+    champion, challenger = hardness, hardness + 0.05 + pd.Series(RNG.normal(0, 0.01, 50), index)
+    difference = paired_difference(challenger, champion.drop(index=[0, 1]), 1000)
+    assert difference.count == 48 and 0.04 < difference.low < difference.high < 0.06
+    unpaired = bootstrap_mean(challenger.to_numpy(), 1000)
+    assert unpaired.high - unpaired.low > 10 * (difference.high - difference.low)
+
+
+def _frames(champion_f1, challenger_f1, champion_clip=None, challenger_clip=None):
+    def frame(f1, clip):
+        columns = {"control_0.edge_f1": f1}
+        if clip is not None:
+            columns["clip_score"] = clip
+        return pd.DataFrame(columns)
+
+    return frame(champion_f1, champion_clip), frame(challenger_f1, challenger_clip)
+
+
+BASE = RNG.uniform(0.2, 0.4, 200)
+
+
+@pytest.mark.parametrize(
+    ("challenger", "rule", "promoted", "reason"),
+    [
+        (BASE + 0.05, {}, True, r"control_0.edge_f1 improves by 0.05"),
+        (BASE - 0.05, {}, False, r"worse than the champion's"),
+        (BASE + RNG.normal(0, 0.05, 200), {}, False, r"within the noise \(its 95% interval holds 0\)"),
+        (BASE + 0.05, {"min_absolute_change": 0.1}, False, r"under min_absolute_change 0.1"),
+        (BASE + 0.05, {"min_relative_change": 0.5}, False, r"under min_relative_change 0.5"),
+        (BASE + 0.05, {"threshold": 0.9}, False, r"does not reach the threshold 0.9"),
+    ],
+)
+def test_the_primary_metric_decides_by_its_rule_and_beyond_the_noise(challenger, rule, promoted, reason):
+    champion, challenger = _frames(BASE, challenger)
+    decision = decide(PromotionConfig(primary="control_0.edge_f1", rule=rule), champion, challenger, 1000)
+    assert decision.promote is promoted
+    assert re.search(reason, decision.reason), decision.reason
+
+
+def test_a_guard_that_worsens_past_its_tolerance_refuses_the_better_primary():
+    # ControlNet++'s own case: controllability up, CLIP score down.
+    clip = RNG.uniform(30, 33, 200)
+    champion, challenger = _frames(BASE, BASE + 0.05, clip, clip - 0.28)
+    guarded = PromotionConfig(primary="control_0.edge_f1", guards={"clip_score": {"max_absolute_worsening": 0.1}})
+    assert decide(guarded, champion, challenger, 1000).reason == "guard clip_score worsens by 0.28 (tolerance 0.1)"
+    tolerant = PromotionConfig(primary="control_0.edge_f1", guards={"clip_score": {"max_absolute_worsening": 0.5}})
+    assert decide(tolerant, champion, challenger, 1000).promote
+    # depth RMSE is better lower: a challenger with a lower RMSE wins
+    champion, challenger = (
+        pd.DataFrame({"control_0.depth_rmse": BASE}),
+        pd.DataFrame({"control_0.depth_rmse": BASE - 0.05}),
+    )
+    assert decide(PromotionConfig(primary="control_0.depth_rmse"), champion, challenger, 1000).promote
+
+
+def _diverged(tiny_dir, out):
+    """The tiny ControlNet as a fine-tune that diverged: NaN weights, so every image comes out
+    black (diffusers turns NaN into 0) and follows no edge: canny F1 0 on every row."""
+    from diffusers import ControlNetModel
+
+    controlnet = ControlNetModel.from_pretrained(tiny_dir / "controlnet" / "controlnet")
+    with torch.no_grad():
+        controlnet.controlnet_mid_block.weight.fill_(float("nan"))
+    controlnet.save_pretrained(out)
+    return out
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_eval_promotes_the_better_challenger_and_refuses_the_worse_recording_why(tiny_dir, fill50k_dir, tmp_path):
+    import mlflow
+
+    from pixfleet.comparison.job import run_eval
+
+    registry = f"sqlite:///{tmp_path}/mlflow.db"
+    healthy, diverged = tiny_dir / "controlnet" / "controlnet", _diverged(tiny_dir, tmp_path / "diverged")
+    register_controlnet(diverged, "canny", registry, tmp_path / "artifacts", alias="champion")  # v1
+    register_controlnet(healthy, "canny", registry, tmp_path / "artifacts", alias="challenger")  # v2
+    spec = tiny_spec(tiny_dir, "controlnet").model_dump()
+
+    def eval_job(name):
+        models = [
+            {"name": role, "model": spec | {"controlnets": [f"models:/canny@{role}"]}}
+            for role in ("champion", "challenger")
+        ]
+        return EvalJobConfig.model_validate(
+            {
+                "name": name,
+                "models": models,
+                "source": {"path": str(fill50k_dir), "limit": 8},
+                "preprocess": {"width": 64, "height": 64},  # at 32 px the tiny model's images have few edges
+                "params": {"num_inference_steps": 4},
+                "evaluate": {"control": [{"detector": "canny"}]},
+                "sink": {"output_dir": str(tmp_path / name)},
+                "resources": {"batch_size": 8},
+                "tracking": {"tracking_uri": registry, "experiment": "eval"},
+                "promotion": {"primary": "control_0.edge_f1"},
+            }
+        )
+
+    client = mlflow.MlflowClient(registry)
+    first = run_eval(eval_job("first"), promote="champion")
+
+    assert first.report.decision.promote and first.promoted == "canny/2 is now champion"
+    assert int(client.get_model_version_by_alias("canny", "champion").version) == 2
+    figures = first.report.figures
+    assert figures["champion"]["control_0.edge_f1"].mean == 0.0 < figures["challenger"]["control_0.edge_f1"].low
+    assert figures["challenger"]["control_0.edge_f1"].count == 8
+    tags = client.get_model_version("canny", "2").tags
+    assert tags["pixfleet.eval.decision"] == "promoted" and tags["pixfleet.eval.run_id"] == first.mlflow_run_id
+    assert "control_0.edge_f1" in (tmp_path / "first" / "comparison.md").read_text()
+    children = mlflow.search_runs(
+        experiment_names=["eval"], filter_string=f"tags.mlflow.parentRunId = '{first.mlflow_run_id}'"
+    )
+    assert sorted(children["tags.mlflow.runName"]) == ["first/challenger", "first/champion"]
+
+    register_controlnet(diverged, "canny", registry, tmp_path / "artifacts", alias="challenger")  # v3
+    second = run_eval(eval_job("second"), promote="champion")
+
+    assert not second.report.decision.promote and second.promoted is None
+    assert int(client.get_model_version_by_alias("canny", "champion").version) == 2
+    assert int(client.get_model_version_by_alias("canny", "challenger").version) == 3
+    tags = client.get_model_version("canny", "3").tags
+    assert tags["pixfleet.eval.decision"] == "refused"
+    assert "worse than the champion's" in tags["pixfleet.eval.reason"]
+    assert mlflow.get_run(second.mlflow_run_id).data.tags["pixfleet.eval.decision"] == "refused"
