@@ -72,7 +72,9 @@ def test_a_driver_killed_mid_job_then_rerun_leaves_every_row_once_in_the_bucket(
     finally:
         kill_group(driver)  # the driver and its whole embedded Ray, at once
         driver.wait(timeout=30)
-    recorded = {row for part in (out / "manifest").files() for row in bucket_manifest(part.uri)[C.ROW_ID]}
+    # A PUT the server had received whole when its writer died still lands: read once they have.
+    parts = _settled(lambda: sorted(part.uri for part in (out / "manifest").files()))
+    recorded = {row for part in parts for row in bucket_manifest(part)[C.ROW_ID]}
     assert 0 < len(recorded) < 16 and not (out / "manifest.parquet").exists()
 
     summary = run_generation(job)
@@ -110,6 +112,19 @@ def test_the_dry_run_checks_every_row_without_loading_a_model(tiny_dir, fill50k_
     assert any("guidance_scale" in r for r in reasons) and any("missing.png: no such file" in r for r in reasons)
     assert (Location.of(out) / "images").files() == [] and not (Location.of(out) / "manifest.parquet").exists()
     assert "rows planned       4" in summary.render()
+
+
+def _settled(listing, quiet_s: float = 2.0, timeout_s: float = 30) -> list:
+    """`listing()` once it has stayed the same for `quiet_s`."""
+    import time
+
+    deadline, last = time.time() + timeout_s, listing()
+    while time.time() < deadline:
+        time.sleep(quiet_s)
+        if (now := listing()) == last:
+            return now
+        last = now
+    raise TimeoutError("the bucket's listing kept changing")
 
 
 def _wait_for(condition, process, timeout_s: float = 180) -> None:

@@ -70,6 +70,8 @@ def assert_loss_falls(losses: list[float], window: int = 6) -> None:
 def test_ddp_loss_falls_and_the_controlnet_loads_from_folder_and_registry(tiny_dir, train_data, tmp_path):
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 
+    from pixfleet.models.tiny import make_tiny_clip
+
     image = str(train_data / "conditioning_images" / "000000.png")
     job = train_job(
         tiny_dir,
@@ -82,7 +84,8 @@ def test_ddp_loss_falls_and_the_controlnet_loads_from_folder_and_registry(tiny_d
         validation_prompt=["red circle with blue background"],
         validation_image=[image],
         num_validation_images=2,
-        validation_steps=24,
+        validation_steps=12,
+        validation_metrics={"control": {"detector": "canny"}, "clip_model": str(make_tiny_clip(tmp_path / "clip"))},
         report_to="all",
     )
     summary = run_training(job)
@@ -98,7 +101,15 @@ def test_ddp_loss_falls_and_the_controlnet_loads_from_folder_and_registry(tiny_d
     assert run.data.params["train.learning_rate"] == "0.001"
     assert run.data.metrics["samples_per_second"] > 0 and run.data.metrics["lr"] == pytest.approx(1e-3)
     client = mlflow.MlflowClient()
-    assert [a.path for a in client.list_artifacts(run.info.run_id, "validation")] == ["validation/step_000024.png"]
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "validation")] == [
+        "validation/step_000012.png",
+        "validation/step_000024.png",
+    ]
+    # validation_metrics: controllability and CLIP score as curves beside the loss.
+    f1 = metric_history(tmp_path, summary.mlflow_run_id, "validation/control_0.edge_f1")
+    clip = metric_history(tmp_path, summary.mlflow_run_id, "validation/clip_score")
+    assert [step for step, _ in f1] == [step for step, _ in clip] == [12, 24]
+    assert all(0 <= value <= 1 for _, value in f1) and all(0 <= value <= 100 for _, value in clip)
     # As the script keeps them: the grids and TensorBoard's events beside the weights, not in the model.
     output = Path(summary.output_dir)
     assert Image.open(output / "validation" / "step_000024.png").size == (32 * 3, 32)
@@ -116,8 +127,11 @@ def test_ddp_loss_falls_and_the_controlnet_loads_from_folder_and_registry(tiny_d
     out = pipe("red circle", image=torch.rand(1, 3, 32, 32), num_inference_steps=2, height=32, width=32)
     assert np.asarray(out.images[0]).shape == (32, 32, 3)
 
-    # The registered version's alias resolves to the same weights.
+    # The registered version's alias resolves to the same weights; it carries its last scores.
     assert summary.model_version == "models:/tiny-controlnet/1"
+    tags = client.get_model_version("tiny-controlnet", "1").tags
+    assert float(tags["pixfleet.validation/control_0.edge_f1"]) == pytest.approx(f1[-1][1], rel=1e-5)
+    assert float(tags["pixfleet.validation/clip_score"]) == pytest.approx(clip[-1][1], rel=1e-5)
     registered = mlflow.artifacts.download_artifacts("models:/tiny-controlnet@champion", dst_path=str(tmp_path / "dl"))
     from_registry = ControlNetModel.from_pretrained(registered)
     for (name, a), (_, b) in zip(controlnet.state_dict().items(), from_registry.state_dict().items(), strict=True):

@@ -7,10 +7,32 @@ from typing import Annotated, Any, Literal
 from pydantic import BeforeValidator, Field, model_validator
 
 from pixfleet.config.base import StrictModel
+from pixfleet.config.generation import ControlPreprocessConfig
 from pixfleet.config.paths import ExistingPath, ModelOrPath
 from pixfleet.config.tracking import TrackingConfig
 
 Interpolation = Literal["lanczos", "bicubic", "bilinear", "nearest"]
+
+
+class ValidationMetricsConfig(StrictModel):
+    """The evaluation's metrics on the validation images (see `pixfleet.evaluation`)."""
+
+    control: ControlPreprocessConfig | None = Field(
+        None,
+        description="The detector that made the validation control images, with its settings (e.g. canny and "
+        "its thresholds): each validation image's controllability (ControlNet++'s protocol). Unset: none.",
+    )
+    clip_model: ModelOrPath | None = Field(
+        None, description="A transformers CLIP model: each validation image's CLIP score. Unset: none."
+    )
+
+    @model_validator(mode="after")
+    def _something_to_measure(self) -> ValidationMetricsConfig:
+        if self.control is None and self.clip_model is None:
+            raise ValueError("validation_metrics: set control (a detector) or clip_model, or both")
+        if self.control is not None and self.control.detector == "none":
+            raise ValueError("validation_metrics.control: name the detector that made the validation images")
+        return self
 
 
 class ControlNetTrainingArgs(StrictModel):
@@ -130,6 +152,11 @@ class ControlNetTrainingArgs(StrictModel):
     )
     num_validation_images: int = Field(4, ge=1, description="Images per validation prompt.")
     validation_steps: int = Field(100, ge=1, description="Run validation every N steps.")
+    validation_metrics: ValidationMetricsConfig | None = Field(
+        None,
+        description="Score the validation images at each validation (pixfleet's): controllability and CLIP "
+        "score as curves in MLflow beside the loss, the last ones tagged on the registered version.",
+    )
 
     @model_validator(mode="after")
     def _data_from_one_place(self) -> ControlNetTrainingArgs:
@@ -164,6 +191,10 @@ class ControlNetTrainingArgs(StrictModel):
         prompts, images = len(self.validation_prompt), len(self.validation_image)
         if (prompts == 0) != (images == 0):
             raise ValueError("validation_prompt and validation_image must be given together")
+        if self.validation_metrics and not prompts:
+            raise ValueError(
+                "validation_metrics: scores the validation images; set validation_prompt and validation_image"
+            )
         if 1 not in (prompts, images) and prompts != images:
             raise ValueError(f"{prompts} validation prompts for {images} validation images: give 1 or as many")
         return self

@@ -33,7 +33,7 @@ from pixfleet.training.script_checkpoints import (
     script_checkpoint_step,
 )
 from pixfleet.training.strategies import DDPStrategy, DeepSpeedStrategy
-from pixfleet.training.validation import validation_grid
+from pixfleet.training.validation import ValidationScorer, validation_grid, validation_images
 
 TRAINER_STATE = "trainer_state.json"
 CONTROLNET_DIR = "controlnet"
@@ -133,6 +133,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             load_script_checkpoint(strategy, script_checkpoint)
     models_ready = time.perf_counter() - started
     tracker = _RankZeroTracker(inputs) if rank == 0 else None
+    scorer = None  # validation_metrics' models, loaded at the first validation
 
     # 4. The loop: micro-batches accumulated into steps. Each micro-batch's noise is seeded by
     # its own index, so a resumed run draws what an uninterrupted one would.
@@ -171,9 +172,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         )
         # Under ZeRO-3 every rank must run the forwards that gather the parameters.
         if validating and (rank == 0 or strategy.partitions_parameters):
-            grid = validation_grid(parts, strategy.module, args)
+            rows = validation_images(parts, strategy.module, args)
             if tracker:
-                tracker.log_image(grid, f"{VALIDATION_DIR}/step_{global_step:06d}.png", global_step)
+                tracker.log_image(validation_grid(rows), f"{VALIDATION_DIR}/step_{global_step:06d}.png", global_step)
+                if args.validation_metrics:
+                    scorer = scorer or ValidationScorer(args.validation_metrics, device)
+                    metrics |= scorer(rows)  # reported with the checkpoint: the last ones tag the version
+                    tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("validation/")}, global_step)
         # Ray Train reports only with checkpoints: its controller takes one report per
         # poll (2 s), so a report every step would throttle training; MLflow gets them all.
         if global_step % args.checkpointing_steps == 0 or global_step == total_steps:

@@ -159,7 +159,8 @@ def run_training(job: TrainingJobConfig, address: str | None = None) -> Training
                         run_id=summary.mlflow_run_id, artifact_path=VALIDATION_DIR, dst_path=grids
                     )
                     output.upload_folder(Path(grids))
-            summary.model_version = _register(mlflow, job, summary.mlflow_run_id)
+            scores = {name: value for name, value in metrics.items() if name.startswith("validation/")}
+            summary.model_version = _register(mlflow, job, summary.mlflow_run_id, scores)
     return summary
 
 
@@ -219,15 +220,18 @@ def _with_pinned_versions(job: TrainingJobConfig, registry_uri: str) -> Training
     return job.model_copy(update={"train": train})
 
 
-def _register(mlflow, job: TrainingJobConfig, run_id: str) -> str | None:
-    """A model version pointing at the run's ControlNet folder; the alias moves to it."""
+def _register(mlflow, job: TrainingJobConfig, run_id: str, scores: dict[str, float]) -> str | None:
+    """A model version pointing at the run's ControlNet folder, tagged with the last validation
+    scores (`validation_metrics`); the alias moves to it."""
     name, alias = job.registry.model_name, job.registry.alias
     if not name:
         return None
     client = mlflow.MlflowClient()
     if not client.search_registered_models(filter_string=f"name = '{name}'"):
         client.create_registered_model(name)
-    version = client.create_model_version(name, source=mlflow.get_artifact_uri(CONTROLNET_DIR), run_id=run_id)
+    tags = {f"pixfleet.{score}": f"{value:.6g}" for score, value in scores.items()}  # pixfleet.validation/...
+    source = mlflow.get_artifact_uri(CONTROLNET_DIR)
+    version = client.create_model_version(name, source=source, run_id=run_id, tags=tags)
     if alias:
         client.set_registered_model_alias(name, alias, version.version)
     return f"models:/{name}/{version.version}"
