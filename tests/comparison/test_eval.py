@@ -12,7 +12,8 @@ import torch
 
 from pixfleet.comparison.report import decide
 from pixfleet.config.evaluation import EvalJobConfig, PromotionConfig
-from pixfleet.evaluation.statistics import bootstrap_mean, paired_difference
+from pixfleet.evaluation.statistics import Figure, bootstrap_mean, paired_difference
+from pixfleet.models.tiny import make_tiny_inception
 from tests.helpers import register_controlnet, tiny_spec
 
 pytestmark = pytest.mark.timeout(300)
@@ -88,6 +89,34 @@ def test_a_guard_that_worsens_past_its_tolerance_refuses_the_better_primary():
     assert decide(PromotionConfig(primary="control_0.depth_rmse"), champion, challenger, 1000).promote
 
 
+def test_fid_guards_as_a_figure_of_the_whole_set():
+    champion, challenger = _frames(BASE, BASE + 0.05)
+    promotion = PromotionConfig(primary="control_0.edge_f1", guards={"fid": {"max_relative_worsening": 0.1}})
+    fid = {"champion": Figure(14.73, 14.0, 15.5, 200), "challenger": Figure(18.23, 17.4, 19.1, 200)}  # ControlNet++'s
+    assert decide(promotion, champion, challenger, 1000, fid).reason == (
+        "guard fid worsens by 3.5: 14.73 -> 18.23 (tolerance 1.473)"
+    )
+    fid["challenger"] = Figure(15.5, 14.8, 16.3, 200)
+    assert decide(promotion, champion, challenger, 1000, fid).promote
+
+
+def test_fid_settings_that_cannot_work_are_refused(tmp_path):
+    base = {
+        "models": [{"name": "champion", "model": {"task": "controlnet", "base_model": "a/b", "controlnets": ["c/d"]}}],
+        "source": {"path": str(tmp_path)},
+        "evaluate": {"control": [{"detector": "canny"}]},
+    }
+    with pytest.raises(ValueError, match=r"no such file. FID needs clean-fid's Inception features, inception-2015"):
+        EvalJobConfig.model_validate(base | {"fid": {"inception": str(tmp_path / "nope.pt")}})
+    with pytest.raises(ValueError, match=r"promotion.primary: FID is a figure of the whole set"):
+        EvalJobConfig.model_validate(
+            base | {"promotion": {"champion": "champion", "challenger": "champion", "primary": "fid"}}
+        )
+    with pytest.raises(ValueError, match=r"promotion.guards.fid: set fid.inception"):
+        promotion = {"champion": "champion", "challenger": "champion", "primary": "clip_score", "guards": {"fid": {}}}
+        EvalJobConfig.model_validate(base | {"promotion": promotion})
+
+
 def _diverged(tiny_dir, out):
     """The tiny ControlNet as a fine-tune that diverged: NaN weights, so every image comes out
     black (diffusers turns NaN into 0) and follows no edge: canny F1 0 on every row."""
@@ -111,6 +140,7 @@ def test_eval_promotes_the_better_challenger_and_refuses_the_worse_recording_why
     register_controlnet(diverged, "canny", registry, tmp_path / "artifacts", alias="champion")  # v1
     register_controlnet(healthy, "canny", registry, tmp_path / "artifacts", alias="challenger")  # v2
     spec = tiny_spec(tiny_dir, "controlnet").model_dump()
+    inception = make_tiny_inception(tmp_path / "inception-2015-12-05.pt")
 
     def eval_job(name):
         models = [
@@ -129,6 +159,7 @@ def test_eval_promotes_the_better_challenger_and_refuses_the_worse_recording_why
                 "resources": {"batch_size": 8},
                 "tracking": {"tracking_uri": registry, "experiment": "eval"},
                 "promotion": {"primary": "control_0.edge_f1"},
+                "fid": {"inception": str(inception), "bootstrap_samples": 20},
             }
         )
 
@@ -140,6 +171,8 @@ def test_eval_promotes_the_better_challenger_and_refuses_the_worse_recording_why
     figures = first.report.figures
     assert figures["champion"]["control_0.edge_f1"].mean == 0.0 < figures["challenger"]["control_0.edge_f1"].low
     assert figures["challenger"]["control_0.edge_f1"].count == 8
+    assert figures["champion"]["fid"].count == figures["challenger"]["fid"].count == 8  # against the 16 targets
+    assert figures["champion"]["fid"].mean != figures["challenger"]["fid"].mean
     tags = client.get_model_version("canny", "2").tags
     assert tags["pixfleet.eval.decision"] == "promoted" and tags["pixfleet.eval.run_id"] == first.mlflow_run_id
     assert "control_0.edge_f1" in (tmp_path / "first" / "comparison.md").read_text()

@@ -11,11 +11,14 @@ from dataclasses import dataclass
 import ray
 
 from pixfleet.cluster import ensure_ray, run_beside
+from pixfleet.comparison.fid import model_fids
 from pixfleet.comparison.report import Report, build_report
 from pixfleet.config import ConfigError, ModelSpec
 from pixfleet.config.evaluation import EvalJobConfig, EvalModelConfig
 from pixfleet.config.paths import is_mlflow_uri
+from pixfleet.evaluation.statistics import Figure
 from pixfleet.generation.job import run_generation
+from pixfleet.generation.sources import open_image_source
 from pixfleet.models.registry import pin_version
 from pixfleet.storage import Location, check_writable
 from pixfleet.tracking import mlflow_run, tracking_uri
@@ -57,7 +60,8 @@ def run_eval(job: EvalJobConfig, address: str | None = None, ray_progress: bool 
             generation = job.generation_job(entry, (root / entry.name).uri)
             outputs[entry.name] = run_generation(generation, address=address, ray_progress=ray_progress).output_dir
         baseline = job.promotion.champion if job.promotion else models[0].name
-        report = ray.get(run_beside(build_report, outputs, baseline, job.bootstrap_samples, job.promotion))
+        fids = _fids(job, outputs) if job.fid else None
+        report = ray.get(run_beside(build_report, outputs, baseline, job.bootstrap_samples, job.promotion, fids))
         summary = EvalSummary(report, root.uri, mlflow.active_run().info.run_id if mlflow else None)
         (root / REPORT_MD).write_text(report.as_markdown())
         (root / REPORT_JSON).write_text(report.as_json())
@@ -67,6 +71,14 @@ def run_eval(job: EvalJobConfig, address: str | None = None, ray_progress: bool 
             measured = job.promotion.challenger
             summary.promoted = _apply(report, measured, challenger, promote, registry, summary.mlflow_run_id, mlflow)
     return summary
+
+
+def _fids(job: EvalJobConfig, outputs: dict[str, str]) -> dict[str, Figure]:
+    """Every model's FID against the set's own images, in a task with the evaluation's resources."""
+    source = job.source.model_copy(update={"source_image_column": job.fid.image_column})
+    images = open_image_source(source, job.resources.rows_per_block).dataset
+    task = ray.remote(num_cpus=job.evaluate.num_cpus_per_actor, num_gpus=job.evaluate.num_gpus_per_actor)(model_fids)
+    return ray.get(task.remote(job.fid.inception, images, outputs, job.fid.bootstrap_samples))
 
 
 def _pinned(spec: ModelSpec, registry: str) -> ModelSpec:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from pixfleet.config.evaluation import GuardConfig, PromotionConfig
+from pixfleet.config.evaluation import FID, GuardConfig, PromotionConfig
 from pixfleet.evaluation.statistics import Figure, bootstrap_mean, image_scores, paired_difference
 from pixfleet.evaluation.summary import greater_is_better
 
@@ -58,14 +58,24 @@ class Report:
         return "\n".join(lines) + "\n"
 
 
-def build_report(outputs: dict[str, str], baseline: str, samples: int, promotion: PromotionConfig | None) -> Report:
-    """Every model's figures from its output folder's manifest; `baseline` names the champion."""
+def build_report(
+    outputs: dict[str, str],
+    baseline: str,
+    samples: int,
+    promotion: PromotionConfig | None,
+    fids: dict[str, Figure] | None = None,
+) -> Report:
+    """Every model's figures from its output folder's manifest, and its FID when measured;
+    `baseline` names the champion."""
     scores = {model: image_scores(output) for model, output in outputs.items()}
     names = sorted({score for frame in scores.values() for score in frame.columns})
     figures = {
         model: {s: bootstrap_mean(frame[s].dropna().to_numpy(), samples) for s in names if frame[s].notna().any()}
         for model, frame in scores.items()
     }
+    for model, figure in (fids or {}).items():
+        figures[model][FID] = figure
+    names += [FID] if fids else []
     differences = {
         model: {
             s: difference
@@ -79,14 +89,23 @@ def build_report(outputs: dict[str, str], baseline: str, samples: int, promotion
     }
     report = Report(baseline, figures, differences, scores=names)
     if promotion:
-        report.decision = decide(promotion, scores[promotion.champion], scores[promotion.challenger], samples)
+        champion, challenger = promotion.champion, promotion.challenger
+        fid = {model: figure for model, figure in (fids or {}).items() if model in (champion, challenger)}
+        report.decision = decide(promotion, scores[champion], scores[challenger], samples, fid or None)
     return report
 
 
-def decide(promotion: PromotionConfig, champion: pd.DataFrame, challenger: pd.DataFrame, samples: int) -> Decision:
+def decide(
+    promotion: PromotionConfig,
+    champion: pd.DataFrame,
+    challenger: pd.DataFrame,
+    samples: int,
+    fid: dict[str, Figure] | None = None,
+) -> Decision:
     """Promote when the primary metric beats the champion's by the rule's margins and by more
     than the noise (the 95% interval of the paired difference excludes no gain), and no guard
-    worsens past its tolerance."""
+    worsens past its tolerance. `fid` holds the two models' FIDs (by the promotion's names),
+    a guard of the whole set: its point values are compared."""
     primary, rule = promotion.primary, promotion.rule
     for role, frame in (("champion", champion), ("challenger", challenger)):
         if primary not in frame:
@@ -112,7 +131,11 @@ def decide(promotion: PromotionConfig, champion: pd.DataFrame, challenger: pd.Da
             False, f"{primary}: change {gain.mean:.4g} is under min_relative_change {rule.min_relative_change:g}"
         )
     for name, guard in promotion.guards.items():
-        if refusal := _guard_refusal(name, guard, champion, challenger, samples):
+        if name == FID:
+            refusal = _fid_refusal(guard, fid[promotion.champion], fid[promotion.challenger])
+        else:
+            refusal = _guard_refusal(name, guard, champion, challenger, samples)
+        if refusal:
             return Decision(False, refusal)
     return Decision(
         True, f"{primary} improves by {gain}; guards within tolerance ({', '.join(promotion.guards) or 'none'})"
@@ -132,6 +155,15 @@ def _guard_refusal(
     allowed = max(guard.max_absolute_worsening, (guard.max_relative_worsening or 0.0) * abs(champion[name].mean()))
     if worsening > allowed:
         return f"guard {name} worsens by {worsening:.4g} (tolerance {allowed:.4g})"
+    return None
+
+
+def _fid_refusal(guard: GuardConfig, champion: Figure, challenger: Figure) -> str | None:
+    worsening = challenger.mean - champion.mean  # FID: lower is better
+    allowed = max(guard.max_absolute_worsening, (guard.max_relative_worsening or 0.0) * champion.mean)
+    if worsening > allowed:
+        change = f"{champion.mean:.4g} -> {challenger.mean:.4g}"
+        return f"guard fid worsens by {worsening:.4g}: {change} (tolerance {allowed:.4g})"
     return None
 
 

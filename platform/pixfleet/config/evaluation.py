@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field, model_validator
+from pathlib import Path
+
+from pydantic import Field, field_validator, model_validator
 
 from pixfleet.config.base import StrictModel
 from pixfleet.config.generation import (
@@ -18,6 +20,10 @@ from pixfleet.config.generation import (
 )
 from pixfleet.config.model import ModelSpec
 from pixfleet.config.tracking import TrackingConfig
+
+FID = "fid"
+INCEPTION_FILE = "inception-2015-12-05.pt"
+INCEPTION_URL = f"https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/{INCEPTION_FILE}"
 
 
 class EvalModelConfig(StrictModel):
@@ -62,6 +68,27 @@ class PromotionConfig(StrictModel):
     )
 
 
+class FidConfig(StrictModel):
+    """FID of each model's outputs against the held-out set's own images."""
+
+    inception: str = Field(
+        description=f"Path of clean-fid's Inception feature file, {INCEPTION_FILE} (a TorchScript file; "
+        "nothing is downloaded at run time)."
+    )
+    image_column: str = Field("image", description="The set's column with its own images (the targets).")
+    bootstrap_samples: int = Field(100, ge=20, description="Resamples of FID's 95% interval (each one a full FID).")
+
+    @field_validator("inception")
+    @classmethod
+    def _file_is_there(cls, value: str) -> str:
+        if not Path(value).expanduser().is_file():
+            raise ValueError(
+                f"{value}: no such file. FID needs clean-fid's Inception features, {INCEPTION_FILE}: download it "
+                f"once from {INCEPTION_URL} and put it at that path"
+            )
+        return str(Path(value).expanduser().resolve())
+
+
 class EvalJobConfig(StrictModel):
     """The same rows, seeds and parameters through every model; one MLflow run with a child
     per model; a comparison table; with `--promote`, the registry's alias moved by the numbers."""
@@ -80,6 +107,7 @@ class EvalJobConfig(StrictModel):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow.")
     seed: int = Field(0, ge=0, description="Job seed: every model gets the same row seeds.")
     bootstrap_samples: int = Field(1000, ge=100, description="Resamples of each 95% bootstrap interval.")
+    fid: FidConfig | None = Field(None, description="FID against the set's own images; unset: no FID.")
     promotion: PromotionConfig | None = Field(None, description="What `--promote` needs to move an alias.")
 
     @model_validator(mode="after")
@@ -97,6 +125,12 @@ class EvalJobConfig(StrictModel):
             except ValueError as error:
                 raise ValueError(f"models.{i} ({entry.name}): {error}") from None
         if self.promotion:
+            if self.promotion.primary == FID:
+                raise ValueError(
+                    "promotion.primary: FID is a figure of the whole set, not of each image; use it as a guard"
+                )
+            if FID in self.promotion.guards and not self.fid:
+                raise ValueError(f"promotion.guards.fid: set fid.inception (the path of {INCEPTION_FILE})")
             for role in ("champion", "challenger"):
                 if getattr(self.promotion, role) not in names:
                     raise ValueError(f"promotion.{role}: no models entry named {getattr(self.promotion, role)!r}")

@@ -19,6 +19,7 @@ HIGHER_IS_BETTER = {
     "segmentation_miou": True,
     "clip_score": True,
     "clip_image_similarity": True,
+    "fid": False,
 }
 
 

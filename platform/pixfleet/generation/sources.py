@@ -193,7 +193,7 @@ def _table(config: SourceConfig, task: str | None, roles: ImageRoles, rows_per_b
     plan = plan.limited(config.limit)
     parameter_columns = [name for name in GenerationParams.model_fields if task and name in plan.columns]
     parameter_columns = [name for name in parameter_columns if name != "prompt"]
-    unused = unused_parameters(task, [name for name in parameter_columns if name in plan.filled])
+    unused = unused_parameters(task, [name for name in parameter_columns if name in plan.filled]) if task else []
     if unused:  # an empty column of a shared manifest is fine
         raise ConfigError(
             f"source.path {config.path}: column {unused[0]!r} is a parameter task {task!r} does not take"

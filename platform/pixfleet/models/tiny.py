@@ -235,3 +235,23 @@ def make_tiny_clip(out_dir: str | Path, seed: int = 0) -> Path:
     image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
     return out
+
+
+class _TinyInception(torch.nn.Module):
+    """clean-fid's Inception file's interface (uint8 NCHW in, `return_features`, the same
+    (x - 128) / 128 normalisation) over a random projection of 8 x 8 pooled pixels."""
+
+    def __init__(self, features: int):
+        super().__init__()
+        self.project = torch.nn.Linear(3 * 8 * 8, features)
+
+    def forward(self, img: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        x = (img.to(torch.float32) - 128) * 0.0078125
+        return self.project(torch.nn.functional.adaptive_avg_pool2d(x, 8).flatten(1))
+
+
+def make_tiny_inception(path: str | Path, seed: int = 0, features: int = 16) -> Path:
+    """A TorchScript file called as inception-2015-12-05.pt is: what FID loads in tests."""
+    torch.manual_seed(seed)
+    torch.jit.save(torch.jit.script(_TinyInception(features)), str(path))
+    return Path(path)
