@@ -211,3 +211,13 @@ def test_unreadable_image_cells_say_why(tmp_path):
     assert reasons[2].endswith("gone.png: no such file")
     assert reasons[3] == "no image in this row (empty cell)"
     assert opened.image_labels == {C.control_column(0): "edge"}
+
+
+def test_an_image_source_reads_a_manifest_without_a_task(fill50k_dir):
+    # annotate's photos and eval's FID targets: one image column, no generation parameters
+    from pixfleet.generation.sources import open_image_source
+
+    source = open_image_source(SourceConfig(path=str(fill50k_dir), source_image_column="image"), 4)
+    rows = source.dataset.take_all()
+    assert source.num_rows == len(rows) == 16
+    assert all(row[C.SOURCE_IMAGE][:8] == b"\x89PNG\r\n\x1a\n" for row in rows)
