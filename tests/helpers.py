@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -179,3 +181,28 @@ def upload(folder: Path, uri: str) -> str:
 
     Location.of(uri).upload_folder(folder)
     return uri
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")  # headless pages: the galleries
+
+
+def rendered_dom(page) -> str:
+    """The page's DOM after it loaded, as headless Chromium renders it (all rows in view)."""
+    result = subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--allow-file-access-from-files",
+            "--window-size=1600,20000",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout

@@ -14,7 +14,7 @@ from pixfleet.comparison.report import decide
 from pixfleet.config.evaluation import EvalJobConfig, PromotionConfig
 from pixfleet.evaluation.statistics import Figure, bootstrap_mean, paired_difference
 from pixfleet.models.tiny import make_tiny_inception
-from tests.helpers import register_controlnet, tiny_spec
+from tests.helpers import CHROMIUM, register_controlnet, rendered_dom, tiny_spec
 
 pytestmark = pytest.mark.timeout(300)
 RNG = np.random.default_rng(3)
@@ -176,6 +176,13 @@ def test_eval_promotes_the_better_challenger_and_refuses_the_worse_recording_why
     tags = client.get_model_version("canny", "2").tags
     assert tags["pixfleet.eval.decision"] == "promoted" and tags["pixfleet.eval.run_id"] == first.mlflow_run_id
     assert "control_0.edge_f1" in (tmp_path / "first" / "comparison.md").read_text()
+    side_by_side = (tmp_path / "first" / "comparison.html").read_text()
+    for role in ("champion", "challenger"):  # every input's output of each model, with its scores
+        assert len(re.findall(rf'src="{role}/images/\w+\.png"', side_by_side)) == 8
+    assert side_by_side.count("edge_f1 ") == 16
+    if CHROMIUM:
+        dom = rendered_dom(tmp_path / "first" / "comparison.html")
+        assert re.search(r'data-images-broken="(\d+)"', dom).group(1) == "0"
     children = mlflow.search_runs(
         experiment_names=["eval"], filter_string=f"tags.mlflow.parentRunId = '{first.mlflow_run_id}'"
     )

@@ -4,8 +4,6 @@ outputs load; failed rows show their reason; pages link up."""
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 
 import pandas as pd
 import pytest
@@ -13,32 +11,9 @@ import pytest
 from pixfleet.engine import columns as C
 from pixfleet.generation import gallery
 from pixfleet.generation.job import run_generation
-from tests.helpers import tiny_job
+from tests.helpers import CHROMIUM, rendered_dom, tiny_job
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.usefixtures("ray_session")]
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def rendered_dom(page) -> str:
-    """The page's DOM after it loaded, as headless Chromium renders it (all rows in view)."""
-    result = subprocess.run(
-        [
-            CHROMIUM,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--allow-file-access-from-files",
-            "--window-size=1600,20000",
-            "--virtual-time-budget=10000",
-            "--dump-dom",
-            page.as_uri(),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result.stdout
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import ray
 
 from pixfleet.cluster import ensure_ray, run_beside
 from pixfleet.comparison.fid import model_fids
+from pixfleet.comparison.gallery import SIDE_BY_SIDE, write_side_by_side
 from pixfleet.comparison.report import Report, build_report
 from pixfleet.config import ConfigError, ModelSpec
 from pixfleet.config.evaluation import EvalJobConfig, EvalModelConfig
@@ -36,6 +37,7 @@ class EvalSummary:
 
     def render(self) -> str:
         lines = [self.report.as_markdown().rstrip(), "", f"comparison         {self.output_dir}/{REPORT_MD}"]
+        lines.append(f"side by side       {self.output_dir}/{SIDE_BY_SIDE}")
         lines.append(f"mlflow run         {self.mlflow_run_id or '-'}")
         if self.promoted:
             lines.append(f"promoted           {self.promoted}")
@@ -65,6 +67,7 @@ def run_eval(job: EvalJobConfig, address: str | None = None, ray_progress: bool 
         summary = EvalSummary(report, root.uri, mlflow.active_run().info.run_id if mlflow else None)
         (root / REPORT_MD).write_text(report.as_markdown())
         (root / REPORT_JSON).write_text(report.as_json())
+        ray.get(run_beside(write_side_by_side, root, outputs))
         if mlflow:
             _log(mlflow, report, root)
         if challenger:
@@ -118,6 +121,8 @@ def _log(mlflow, report: Report, root: Location) -> None:
     )
     mlflow.log_text(report.as_markdown(), REPORT_MD)
     mlflow.log_text(report.as_json(), REPORT_JSON)
+    if (root / SIDE_BY_SIDE).is_local:
+        mlflow.log_artifact((root / SIDE_BY_SIDE).path)
     mlflow.set_tag("comparison", (root / REPORT_MD).uri)
 
 

@@ -139,7 +139,14 @@ def _nav(number: int, pages: int, worst_page: bool) -> str:
 
 
 def _page(root: Location, rows: list[dict], heading: str, nav: str) -> str:
-    body = "\n".join(_row(root, row, index < EAGER_ROWS) for index, row in enumerate(rows))
+    header = ["input", "control map", "output", "prompt", "seed", "parameters", "scores"]
+    return html_page(heading, nav, header, [_row(root, row, index < EAGER_ROWS) for index, row in enumerate(rows)])
+
+
+def html_page(heading: str, nav: str, header: list[str], rows: list[str]) -> str:
+    """A gallery page: its heading, links, a table of `rows` under `header`, and the image check."""
+    cells = "".join(f"<th>{html.escape(name)}</th>" for name in header)
+    body = "\n".join(rows)
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>pixfleet gallery: {heading}</title><style>{_STYLE}</style></head>
 <body>
@@ -147,8 +154,7 @@ def _page(root: Location, rows: list[dict], heading: str, nav: str) -> str:
 <p id="broken"></p>
 <nav>{nav}</nav>
 <table>
-<tr><th>input</th><th>control map</th><th>output</th><th>prompt</th><th>seed</th><th>parameters</th>
-<th>scores</th></tr>
+<tr>{cells}</tr>
 {body}
 </table>
 <nav>{nav}</nav>
@@ -157,7 +163,7 @@ def _page(root: Location, rows: list[dict], heading: str, nav: str) -> str:
 """
 
 
-def _link(uri: str, root: Location) -> str:
+def link(uri: str, root: Location) -> str:
     """A file's address relative to the gallery's folder: files under it, and any local file
     beside a local gallery; others (another bucket, say) keep their URI."""
     if uri.startswith(root.uri + "/") or (root.is_local and "://" not in uri):
@@ -165,11 +171,14 @@ def _link(uri: str, root: Location) -> str:
     return uri
 
 
-def _row(root: Location, row: dict, eager: bool) -> str:
+def image_tags(paths, root: Location, eager: bool) -> str:
     loading = "eager" if eager else "lazy"
+    return "".join(f'<img src="{html.escape(link(p, root))}" loading="{loading}" alt="">' for p in paths if p)
 
+
+def _row(root: Location, row: dict, eager: bool) -> str:
     def images(paths) -> str:
-        return "".join(f'<img src="{html.escape(_link(p, root))}" loading="{loading}" alt="">' for p in paths if p)
+        return image_tags(paths, root, eager)
 
     if row[C.STATUS] == C.FAILED:  # its inputs by name: one may be what is missing
         names = "<br>".join(html.escape(p) for p in row[C.INPUT_FILES] if p) or html.escape(str(row[C.SOURCE_REF]))
@@ -181,11 +190,11 @@ def _row(root: Location, row: dict, eager: bool) -> str:
         f'<tr class="ok"><td>{images(row[C.INPUT_FILES])}</td><td>{images(row[C.CONTROL_MAPS])}</td>'
         f"<td>{images(row['outputs'])}</td><td>{html.escape(str(row[C.PROMPT]))}</td><td>{seeds}</td>"
         f'<td class="params">{html.escape(json.dumps(params))}<br>{html.escape(str(row[C.SOURCE_REF]))}</td>'
-        f'<td class="params">{_scores(row)}</td></tr>'
+        f'<td class="params">{scores_text(row)}</td></tr>'
     )
 
 
-def _scores(row: dict) -> str:
+def scores_text(row: dict) -> str:
     """The row's scores (its first image's), one per line: `edge_f1 0.8123`, `clip_score 31.2`."""
     scores = row.get(C.CONTROL_SCORES)
     named = list(zip(row.get(C.CONTROL_METRICS), scores, strict=True)) if scores is not None else []
