@@ -29,6 +29,20 @@ def test_make_tiny_unknown_task_is_one_clear_line(tmp_path):
     assert "'video' is not one of 'controlnet', 'controlnet_img2img', 'controlnet_inpaint'" in plain(result.output)
 
 
+def test_the_evaluation_stand_ins_load_where_the_metrics_look(tmp_path):
+    import numpy as np
+
+    from pixfleet.evaluation.fid import InceptionFeatures
+    from pixfleet.evaluation.metrics import ClipScorer
+
+    for kind, out in (("clip", tmp_path / "clip"), ("inception", tmp_path / "inception.pt")):
+        result = runner.invoke(app, ["models", "make-tiny-annotator", "--kind", kind, "--out", str(out)])
+        assert result.exit_code == 0, result.output
+    image = np.zeros((32, 32, 3), np.uint8)
+    assert ClipScorer(str(tmp_path / "clip")).clip_scores([image], ["a circle"]).shape == (1,)
+    assert InceptionFeatures(str(tmp_path / "inception.pt"))([image]).shape == (1, 16)
+
+
 def test_fill50k_command(tmp_path):
     result = runner.invoke(app, ["data", "fill50k", "--n", "3", "--size", "16", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output

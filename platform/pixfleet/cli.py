@@ -24,7 +24,9 @@ app.add_typer(jobs_app, name="jobs")
 app.add_typer(config_app, name="config")
 
 ConfigKind = StrEnum("ConfigKind", {kind: kind for kind in ("generate", "train", "serve", "annotate", "eval")})
-AnnotatorKind = StrEnum("AnnotatorKind", {kind: kind for kind in ("depth", "segmentation", "caption")})
+AnnotatorKind = StrEnum(
+    "AnnotatorKind", {kind: kind for kind in ("depth", "segmentation", "caption", "clip", "inception")}
+)
 TaskName = StrEnum("TaskName", {task: task for task in TASKS})
 ArchName = StrEnum("ArchName", {arch: arch for arch in ARCHITECTURES})
 WeightDtype = StrEnum("WeightDtype", {dtype: dtype for dtype in ("float32", "float16", "bfloat16")})
@@ -154,18 +156,24 @@ def make_tiny(
 
 @models_app.command("make-tiny-annotator")
 def make_tiny_annotator(
-    kind: Annotated[AnnotatorKind, typer.Option(help="depth or segmentation detector, or captioner.")],
-    out: Annotated[Path, typer.Option(help="Folder to save the model and its processor in.")],
+    kind: Annotated[
+        AnnotatorKind,
+        typer.Option(help="depth or segmentation detector, captioner, CLIP (evaluate.clip_model), Inception (fid)."),
+    ],
+    out: Annotated[Path, typer.Option(help="Folder to save the model and its processor in (inception: the file).")],
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
 ) -> None:
-    """Build a tiny random detector or captioner model (DPT, SegFormer, BLIP) and save it with
-    save_pretrained: what `detector.model` and `caption.model` load offline."""
+    """Build a tiny random detector, captioner or evaluation model (DPT, SegFormer, BLIP, CLIP;
+    save_pretrained) or a TorchScript file called as clean-fid's Inception is: what
+    `detector.model`, `caption.model`, `evaluate.clip_model` and `fid.inception` load offline."""
     from pixfleet.models import tiny
 
     makers = {
         "depth": tiny.make_tiny_depth_estimator,
         "segmentation": tiny.make_tiny_segmenter,
         "caption": tiny.make_tiny_captioner,
+        "clip": tiny.make_tiny_clip,
+        "inception": tiny.make_tiny_inception,
     }
     makers[kind.value](out, seed=seed)
     typer.echo(f"saved tiny {kind.value} model to {out}")
