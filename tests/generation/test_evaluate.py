@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pixfleet.config import ControlPreprocessConfig
+from pixfleet.config import ConfigError, ControlPreprocessConfig
 from pixfleet.engine import columns as C
 from pixfleet.engine.detectors import DepthDetector, SegmentationDetector
 from pixfleet.evaluation.metrics import ClipScorer, depth_rmse, palette_labels, segmentation_miou
@@ -123,3 +123,34 @@ def test_a_job_scores_every_image_and_controllability_moves_with_the_control(
     assert run.data.metrics["clip_score.count"] == 16
     assert "control_0.edge_f1: mean" in summaries["true"].render()
     assert json.loads(run.data.params["evaluate.control"])[0]["detector"] == "canny"
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_an_edit_job_scores_each_edit_against_its_input_and_its_captions(tiny_dir, fill50k_dir, clip_model, tmp_path):
+    records = [json.loads(line) for line in (fill50k_dir / "metadata.jsonl").read_text().splitlines()][:4]
+    rows = [
+        {
+            "image": str(fill50k_dir / record["file_name"]),
+            "text": "make it snow",
+            "before": record["text"],
+            "after": "" if i == 3 else f"{record['text']} in the snow",  # an empty caption: its own embedding
+        }
+        for i, record in enumerate(records)
+    ]
+    manifest_path = tmp_path / "edits.jsonl"
+    manifest_path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    captions = {"input_caption_column": "before", "edited_caption_column": "after"}
+    evaluate = {"controllability": False, "clip_model": clip_model, **captions}
+
+    summary = run_generation(tiny_job(tiny_dir, "pix2pix", manifest_path, tmp_path / "out", evaluate=evaluate))
+
+    manifest = pd.read_parquet(tmp_path / "out" / "manifest.parquet")
+    assert len(manifest) == 4 and (manifest[C.STATUS] == C.OK).all()
+    for column in (C.CLIP_IMAGE_SIMILARITY, C.CLIP_DIRECTIONAL_SIMILARITY):
+        assert manifest[column].between(-1, 1).all() and manifest[column].nunique() == 4
+    assert manifest[C.CONTROL_SCORES].isna().all()
+    assert summary.scores["clip_directional_similarity"]["count"] == 4
+
+    missing = {"input_caption_column": "before", "edited_caption_column": "after_edit"}
+    with pytest.raises(ConfigError, match=r"after_edit"):
+        run_generation(tiny_job(tiny_dir, "pix2pix", manifest_path, tmp_path / "o2", evaluate=evaluate | missing))

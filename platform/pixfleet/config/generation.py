@@ -11,7 +11,7 @@ from pixfleet.config.base import StrictModel
 from pixfleet.config.model import ModelSpec
 from pixfleet.config.paths import ExistingPath, ModelOrPath
 from pixfleet.config.tracking import TrackingConfig
-from pixfleet.models.tasks import unused_parameters
+from pixfleet.models.tasks import task_info, unused_parameters
 
 PER_CONTROLNET = ("controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end")
 SEED_LIMIT = 2**63  # seeds are int64 in the manifest; torch generators take them all
@@ -265,6 +265,14 @@ class EvaluateConfig(StrictModel):
         "openai/clip-vit-base-patch16): the CLIP score of each image and its prompt, and for tasks that edit "
         "a source image, CLIP's image similarity of the two. Unset: no CLIP metrics.",
     )
+    input_caption_column: str | None = Field(
+        None,
+        description="For edits (InstructPix2Pix): the source's column with a caption of the input image; with "
+        "edited_caption_column, CLIP's directional similarity of each edit (a table source).",
+    )
+    edited_caption_column: str | None = Field(
+        None, description="The source's column with a caption of the image the edit should give."
+    )
     actors: int = Field(1, ge=1, description="Evaluation actors, each holding the detectors and CLIP.")
     num_gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per evaluation actor (a fraction shares one).")
     num_cpus_per_actor: float = Field(0.25, gt=0, description="CPUs per evaluation actor.")
@@ -323,6 +331,15 @@ def check_evaluation(evaluate: EvaluateConfig, model: ModelSpec, preprocess: Pre
                 )
     elif evaluate.clip_model is None:
         raise ValueError("evaluate: nothing to measure (controllability is off and no clip_model is given)")
+    captions = (evaluate.input_caption_column, evaluate.edited_caption_column)
+    if any(captions):
+        if not all(captions):
+            raise ValueError("evaluate: set input_caption_column and edited_caption_column together")
+        if evaluate.clip_model is None or not task_info(model.task).needs_source_image:
+            raise ValueError(
+                f"evaluate.input_caption_column: CLIP's directional similarity needs clip_model and a task that "
+                f"edits a source image (task {model.task!r})"
+            )
 
 
 def given_parameters(values: Mapping[str, Any]) -> list[str]:

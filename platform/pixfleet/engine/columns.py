@@ -33,7 +33,9 @@ CONTROL_SCORES = "control_scores"  # evaluate: per ControlNet, how well the imag
 CONTROL_METRICS = "control_metrics"  # evaluate: per ControlNet, the metric of its score (edge_f1, ...)
 CLIP_SCORE = "clip_score"  # evaluate: 100 * max(cos, 0) of the image and its prompt
 CLIP_IMAGE_SIMILARITY = "clip_image_similarity"  # evaluate: cos of the image and its source image
-SCORE_COLUMNS = (CONTROL_SCORES, CONTROL_METRICS, CLIP_SCORE, CLIP_IMAGE_SIMILARITY)
+CLIP_DIRECTIONAL_SIMILARITY = "clip_directional_similarity"  # evaluate: the edit against its captions' change
+SCORE_COLUMNS = (CONTROL_SCORES, CONTROL_METRICS, CLIP_SCORE, CLIP_IMAGE_SIMILARITY, CLIP_DIRECTIONAL_SIMILARITY)
+INPUT_CAPTION, EDITED_CAPTION = "input_caption", "edited_caption"  # an edit's before/after captions (evaluate)
 
 OK, FAILED, SKIPPED = "ok", "failed", "skipped"
 PLANNED = "planned"  # a dry run's row: everything checked, nothing generated

@@ -68,7 +68,7 @@ def image_scores(output_dir: str) -> pd.DataFrame:
     table = pq.read_table(io.BytesIO(manifest.read_bytes()), columns=columns).to_pandas()
     table = table[table[C.STATUS] == C.OK].set_index([C.SOURCE_REF, C.IMAGE_INDEX])
     scores = pd.DataFrame(index=table.index)
-    for name in (C.CLIP_SCORE, C.CLIP_IMAGE_SIMILARITY):
+    for name in (C.CLIP_SCORE, C.CLIP_IMAGE_SIMILARITY, C.CLIP_DIRECTIONAL_SIMILARITY):
         if table[name].notna().any():
             scores[name] = table[name].astype(np.float64)
     scored = table[table[C.CONTROL_SCORES].notna()]

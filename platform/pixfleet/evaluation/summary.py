@@ -19,6 +19,7 @@ HIGHER_IS_BETTER = {
     "segmentation_miou": True,
     "clip_score": True,
     "clip_image_similarity": True,
+    "clip_directional_similarity": True,
     "fid": False,
 }
 
@@ -30,7 +31,7 @@ class ScoreTally:
         self.values: dict[str, list[np.ndarray]] = defaultdict(list)
 
     def add(self, table: pa.Table) -> None:
-        for name in (C.CLIP_SCORE, C.CLIP_IMAGE_SIMILARITY):
+        for name in (C.CLIP_SCORE, C.CLIP_IMAGE_SIMILARITY, C.CLIP_DIRECTIONAL_SIMILARITY):
             column = table.column(name).drop_null()
             if len(column):
                 self.values[name].append(column.to_numpy())

@@ -198,7 +198,7 @@ def scores_text(row: dict) -> str:
     """The row's scores (its first image's), one per line: `edge_f1 0.8123`, `clip_score 31.2`."""
     scores = row.get(C.CONTROL_SCORES)
     named = list(zip(row.get(C.CONTROL_METRICS), scores, strict=True)) if scores is not None else []
-    named += [(name, row.get(name)) for name in (C.CLIP_SCORE, C.CLIP_IMAGE_SIMILARITY)]
+    named += [(name, row.get(name)) for name in (C.CLIP_SCORE, C.CLIP_IMAGE_SIMILARITY, C.CLIP_DIRECTIONAL_SIMILARITY)]
     return "<br>".join(f"{name} {value:.4g}" for name, value in named if value is not None and value == value)
 
 

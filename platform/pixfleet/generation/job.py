@@ -25,6 +25,7 @@ from pixfleet.generation.plan import DRY_RUN_DIR, build_plan
 from pixfleet.generation.progress import Counts, ProgressLine
 from pixfleet.generation.sink import MANIFEST_FILE, FinishedRows, Manifest, MergeResult, finished_digests
 from pixfleet.generation.sources import open_source
+from pixfleet.generation.stages import caption_columns
 from pixfleet.models.folders import check_model_folders, fetch_model_files
 from pixfleet.models.identity import ModelIdentity
 from pixfleet.models.registry import resolve_registry_models
@@ -135,7 +136,8 @@ def run_generation(
     ensure_ray(address)
     quiet_ray_data(ray_progress)
     rows_per_block = dry_run_rows_per_block(job) if dry_run else job.resources.rows_per_block
-    source = open_source(job.source, job.model.task, job.model.num_controlnets, rows_per_block)
+    texts = caption_columns(job)
+    source = open_source(job.source, job.model.task, job.model.num_controlnets, rows_per_block, texts)
     output = check_writable(job.sink.output_dir, "sink.output_dir")
 
     # 2. Resume: rows an earlier run wrote are skipped. A task builds the index; this process

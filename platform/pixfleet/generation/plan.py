@@ -27,7 +27,7 @@ from pixfleet.config import GenerationJobConfig
 from pixfleet.engine import columns as C
 from pixfleet.engine.preprocess import control_for
 from pixfleet.generation.sources import ImageRoles, Source
-from pixfleet.generation.stages import PlannedStage
+from pixfleet.generation.stages import PlannedStage, caption_columns
 from pixfleet.generation.stages.decode_stage import DecodeStage
 from pixfleet.generation.stages.detect_stage import DetectStage
 from pixfleet.generation.stages.dry_run_stage import DryRunStage
@@ -92,7 +92,8 @@ def plan_stages(
             WriteStage.plan(sink, model, job.model.num_controlnets),
         ]
     evaluate = [EvaluateStage.plan(job, columns)] if job.evaluate else []
-    passed = tuple(column for stage in evaluate for column in stage.needs if column in columns)
+    carried = {*columns, *caption_columns(job)}  # what the generate stage passes on to it
+    passed = tuple(column for stage in evaluate for column in stage.needs if column in carried)
     size = (job.preprocess.width, job.preprocess.height)
     return [
         *stages,
@@ -121,7 +122,7 @@ def build_plan(
 ) -> ray.data.Dataset:
     """The lazy dataset of manifest rows; iterating it runs the job."""
     stages = plan_stages(job, source.image_labels, model, finished_row_ids, dry_run)
-    check_chain(stages, (*SOURCE_COLUMNS, *source.image_labels))
+    check_chain(stages, (*SOURCE_COLUMNS, *source.image_labels, *source.text_columns))
     dataset = source.dataset
     for stage in stages:
         dataset = dataset.map_batches(stage.fn, batch_format="pandas", **stage.options)

@@ -76,6 +76,7 @@ MANIFEST_SCHEMA = pa.schema(
         (C.CONTROL_METRICS, pa.list_(pa.string())),
         (C.CLIP_SCORE, pa.float64()),
         (C.CLIP_IMAGE_SIMILARITY, pa.float64()),
+        (C.CLIP_DIRECTIONAL_SIMILARITY, pa.float64()),
     ]
 )
 # What each written row reports back to the driver (counts, failures, timings).

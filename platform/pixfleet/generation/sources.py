@@ -94,6 +94,7 @@ class Source:
     num_rows: int | None
     description: str
     image_labels: dict[str, str]
+    text_columns: tuple[str, ...] = ()  # canonical text columns asked for besides the prompt (captions)
 
 
 def detect_format(config: SourceConfig) -> str:
@@ -114,14 +115,17 @@ def detect_format(config: SourceConfig) -> str:
     return "folder"
 
 
-def open_source(config: SourceConfig, task: str, num_controlnets: int, rows_per_block: int) -> Source:
-    """Check `config` against `task` and return its canonical dataset.
+def open_source(
+    config: SourceConfig, task: str, num_controlnets: int, rows_per_block: int, texts: dict[str, str] | None = None
+) -> Source:
+    """Check `config` against `task` and return its canonical dataset; `texts` maps canonical
+    text columns to the source's (an edit's captions, for its evaluation).
 
     Blocks hold `rows_per_block` rows, a few generation batches: Ray Data streams block by
     block, so small blocks keep every stage busy at once and a failure loses only a block, but
     each block costs every stage a task, which large blocks amortize.
     """
-    return _open(config, task, ImageRoles.for_task(task, config, num_controlnets), rows_per_block)
+    return _open(config, task, ImageRoles.for_task(task, config, num_controlnets), rows_per_block, texts)
 
 
 def open_image_source(config: SourceConfig, rows_per_block: int) -> Source:
@@ -130,7 +134,9 @@ def open_image_source(config: SourceConfig, rows_per_block: int) -> Source:
     return _open(config, None, ImageRoles({C.SOURCE_IMAGE: config.source_image_column}), rows_per_block)
 
 
-def _open(config: SourceConfig, task: str | None, roles: ImageRoles, rows_per_block: int) -> Source:
+def _open(
+    config: SourceConfig, task: str | None, roles: ImageRoles, rows_per_block: int, texts: dict[str, str] | None = None
+) -> Source:
     readers = {
         "folder": _folder,
         "manifest": _table,
@@ -138,7 +144,16 @@ def _open(config: SourceConfig, task: str | None, roles: ImageRoles, rows_per_bl
         "webdataset": _webdataset,
     }
     try:
-        source = readers[detect_format(config)](config, task, roles, rows_per_block)
+        source_format = detect_format(config)
+        if texts and readers[source_format] is not _table:
+            raise ConfigError(
+                f"evaluate: caption columns {', '.join(texts.values())} need a table source (a manifest, imagefolder "
+                f"metadata or a datasets folder); source.path is a {source_format}"
+            )
+        if texts:
+            source = _table(config, task, roles, rows_per_block, texts)
+        else:
+            source = readers[source_format](config, task, roles, rows_per_block)
     except StorageError as error:
         raise ConfigError(f"source.path: {error}") from None
     if config.limit:
@@ -184,9 +199,13 @@ class _ListImages:
         return pd.DataFrame({C.SOURCE_REF: paths, C.ROW_ID: "", C.ROW_PARAMS: "{}", "_path": paths})
 
 
-def _table(config: SourceConfig, task: str | None, roles: ImageRoles, rows_per_block: int) -> Source:
-    """A manifest, imagefolder metadata or `datasets` folder: image paths or bytes per row."""
-    columns = dict(roles.mapping)
+def _table(
+    config: SourceConfig, task: str | None, roles: ImageRoles, rows_per_block: int, texts: dict[str, str] | None = None
+) -> Source:
+    """A manifest, imagefolder metadata or `datasets` folder: image paths or bytes per row, and
+    the `texts` columns as they are."""
+    texts = texts or {}
+    columns = dict(roles.mapping) | texts
     if config.id_column:
         columns["id_column"] = config.id_column
     plan = plan_table(Location.of(config.path), columns, set(roles.mapping.values()), field="source.path")
@@ -199,17 +218,18 @@ def _table(config: SourceConfig, task: str | None, roles: ImageRoles, rows_per_b
             f"source.path {config.path}: column {unused[0]!r} is a parameter task {task!r} does not take"
         )
     own = [config.prompt_column, *parameter_columns] if config.prompt_column in plan.columns else parameter_columns
-    wanted = [*dict.fromkeys([*roles.mapping.values(), *own, *([config.id_column] if config.id_column else [])])]
+    wanted = [*roles.mapping.values(), *own, *texts.values(), *([config.id_column] if config.id_column else [])]
+    wanted = [*dict.fromkeys(wanted)]
     chunks = ray.data.from_items(
         [{"chunk": i} for i in range(len(plan.chunks))], override_num_blocks=max(1, len(plan.chunks))
     ).map_batches(_ReadChunk(plan, wanted), batch_size=1, batch_format="pandas", num_cpus=READ_CPUS)
     dataset = _in_blocks(chunks, rows_per_block).map_batches(
-        _CanonicalRows(roles.mapping, own, config.prompt_column, config.id_column),
+        _CanonicalRows(roles.mapping, own, config.prompt_column, config.id_column, texts),
         batch_format="pandas",
         num_cpus=LOAD_CPUS,
     )
     count = f"{plan.num_rows} rows" if plan.num_rows is not None else "rows counted as they are read"
-    return Source(dataset, plan.num_rows, f"{plan.label} ({count})", roles.labels(folder=False))
+    return Source(dataset, plan.num_rows, f"{plan.label} ({count})", roles.labels(folder=False), tuple(texts))
 
 
 class _ReadChunk:
@@ -231,9 +251,16 @@ class _ReadChunk:
 class _CanonicalRows:
     """Table rows -> canonical rows: parameters as JSON, ids, image bytes (read here)."""
 
-    def __init__(self, image_columns: dict[str, str], own: list[str], prompt_column: str, id_column: str | None):
+    def __init__(
+        self,
+        image_columns: dict[str, str],
+        own: list[str],
+        prompt_column: str,
+        id_column: str | None,
+        texts: dict[str, str],
+    ):
         self.load = _LoadImageFiles(image_columns)
-        self.own, self.prompt_column, self.id_column = own, prompt_column, id_column
+        self.own, self.prompt_column, self.id_column, self.texts = own, prompt_column, id_column, texts
 
     def __call__(self, table: pd.DataFrame) -> pd.DataFrame:
         records = table[self.own].to_dict("records")
@@ -246,7 +273,8 @@ class _CanonicalRows:
                 ROW_ERROR: table[ROW_ERROR],
             }
         )
-        return self.load(canonical)
+        texts = {name: [_text(value) for value in table[column]] for name, column in self.texts.items()}
+        return self.load(canonical).assign(**texts)
 
 
 def _webdataset(config: SourceConfig, task: str | None, roles: ImageRoles, rows_per_block: int) -> Source:
@@ -306,6 +334,12 @@ def row_params(record: dict[str, Any], prompt_column: str | None) -> str:
 
 
 _UNSET = object()
+
+
+def _text(value: Any) -> str:
+    """A text cell as a string, "" when empty."""
+    value = _cell(value, per_controlnet=False)
+    return "" if value is _UNSET else str(value)
 
 
 def _cell(value: Any, per_controlnet: bool) -> Any:

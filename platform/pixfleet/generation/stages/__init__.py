@@ -8,6 +8,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pixfleet.config import GenerationJobConfig
+from pixfleet.engine import columns as C
+
 # Light stages ask for a fraction of a CPU: beside actors holding whole CPUs, whole-CPU tasks
 # could wait forever for one (Ray Data's silent deadlock). Different amounts keep stages from
 # being fused into one task where that would serialise them.
@@ -23,3 +26,12 @@ class PlannedStage:
     needs: tuple[str, ...]
     adds: tuple[str, ...]
     options: dict[str, Any] = field(default_factory=dict)
+
+
+def caption_columns(job: GenerationJobConfig) -> dict[str, str]:
+    """The canonical caption columns an evaluation of edits reads, each with the source's column
+    (read with the rows, passed on by every stage before the evaluate stage)."""
+    evaluate = job.evaluate
+    if not evaluate or not evaluate.input_caption_column:
+        return {}
+    return {C.INPUT_CAPTION: evaluate.input_caption_column, C.EDITED_CAPTION: evaluate.edited_caption_column}

@@ -27,7 +27,7 @@ from pixfleet.engine.params import (
     resolve_params,
     row_id_for,
 )
-from pixfleet.generation.stages import LIGHT_CPU, PlannedStage
+from pixfleet.generation.stages import LIGHT_CPU, PlannedStage, caption_columns
 
 
 class DecodeStage:
@@ -51,7 +51,16 @@ class DecodeStage:
         self.job_seed = job.seed
         self.max_image_pixels = job.preprocess.max_image_pixels
         self.finished_row_ids = finished_row_ids
-        self.needs = (C.ROW_ID, C.SOURCE_REF, C.ROW_PARAMS, C.LOAD_ERRORS, C.INPUT_FILES, *self.image_columns)
+        self.texts = tuple(caption_columns(job))  # passed on as they are, for the evaluate stage
+        self.needs = (
+            C.ROW_ID,
+            C.SOURCE_REF,
+            C.ROW_PARAMS,
+            C.LOAD_ERRORS,
+            C.INPUT_FILES,
+            *self.image_columns,
+            *self.texts,
+        )
 
     @classmethod
     def plan(cls, *args, **kwargs) -> PlannedStage:
@@ -65,6 +74,7 @@ class DecodeStage:
 
     def _decode_row(self, row: dict[str, Any]) -> dict[str, Any]:
         out = {C.SOURCE_REF: row[C.SOURCE_REF], C.INPUT_FILES: row[C.INPUT_FILES], C.STATUS: C.OK, C.ERROR: ""}
+        out |= {column: row[column] for column in self.texts}
         own = json.loads(row[C.ROW_PARAMS])
         raw_images = [row[c] for c in self.image_columns]
         has_content = all(raw_images)

@@ -1,10 +1,11 @@
 """Evaluate stage (actor pool, the detectors and CLIP loaded once per actor): images -> scores.
 
-Needs: row_id, status, image, prompt; the control image columns (controllability) and the
-       source image (CLIP image similarity, for tasks that edit one), which the generate stage
-       passes on for this stage only.
+Needs: row_id, status, image, prompt; the control image columns (controllability), the
+       source image (CLIP image similarity, for tasks that edit one) and an edit's captions
+       (input_caption, edited_caption: CLIP directional similarity), which the stages before
+       pass on for this stage only.
 Adds:  control_scores and control_metrics (one per ControlNet), clip_score,
-       clip_image_similarity; drops the columns passed on for it.
+       clip_image_similarity, clip_directional_similarity; drops the columns passed on for it.
 Runs only when the job has an `evaluate` section. The metrics are `pixfleet.evaluation`'s. A row
 the scorers cannot process keeps its image and gets no scores (the reason is logged): an
 evaluation never costs a generated image.
@@ -21,18 +22,22 @@ from pixfleet.config import ControlPreprocessConfig, EvaluateConfig, GenerationJ
 from pixfleet.engine import columns as C
 from pixfleet.engine.images import one_line
 from pixfleet.engine.preprocess import control_for
-from pixfleet.generation.stages import PlannedStage
+from pixfleet.generation.stages import PlannedStage, caption_columns
 from pixfleet.models.tasks import task_info
 
 logger = logging.getLogger(__name__)
-ADDS = (C.CONTROL_SCORES, C.CONTROL_METRICS, C.CLIP_SCORE, C.CLIP_IMAGE_SIMILARITY)
+ADDS = C.SCORE_COLUMNS
 
 
 class EvaluateStage:
     """Callable class for `map_batches(compute=ActorPoolStrategy(...))`."""
 
     def __init__(
-        self, controls: dict[str, ControlPreprocessConfig], clip_model: str | None, source_column: str | None
+        self,
+        controls: dict[str, ControlPreprocessConfig],
+        clip_model: str | None,
+        source_column: str | None,
+        captions: tuple[str, ...] = (),
     ):
         import torch
 
@@ -43,25 +48,28 @@ class EvaluateStage:
         self.controllability = {column: ControllabilityScorer(control, device) for column, control in controls.items()}
         self.clip = ClipScorer(clip_model, device) if clip_model else None
         self.source_column = source_column if self.clip else None
-        self.passed = [*controls, *([self.source_column] if self.source_column else [])]
+        self.captions = captions if self.source_column else ()
+        self.passed = [*controls, *([self.source_column] if self.source_column else []), *self.captions]
         self.needs = self.columns_needed(self.passed)
 
     @classmethod
     def plan(cls, job: GenerationJobConfig, image_columns: list[str]) -> PlannedStage:
         evaluate = job.evaluate
         controls, source = cls.inputs(job, image_columns)
+        captions = tuple(caption_columns(job)) if source else ()
         options = {
-            "fn_constructor_args": (controls, evaluate.clip_model, source),
+            "fn_constructor_args": (controls, evaluate.clip_model, source, captions),
             "batch_size": job.resources.batch_size,
             "num_cpus": evaluate.num_cpus_per_actor,
             "num_gpus": evaluate.num_gpus_per_actor,
             "compute": ray.data.ActorPoolStrategy(size=evaluate.actors),
         }
-        return PlannedStage(cls, cls.columns_needed([*controls, *([source] if source else [])]), ADDS, options)
+        passed = [*controls, *([source] if source else []), *captions]
+        return PlannedStage(cls, cls.columns_needed(passed), ADDS, options)
 
     @staticmethod
-    def columns_needed(image_columns: list[str]) -> tuple[str, ...]:
-        return (C.ROW_ID, C.STATUS, C.IMAGE, C.PROMPT, *image_columns)
+    def columns_needed(passed: list[str]) -> tuple[str, ...]:
+        return (C.ROW_ID, C.STATUS, C.IMAGE, C.PROMPT, *passed)
 
     @staticmethod
     def inputs(
@@ -104,10 +112,15 @@ class EvaluateStage:
                 scores[C.CONTROL_METRICS][position] = metrics
         if self.clip:
             clip_scores = self.clip.clip_scores(images, list(rows[C.PROMPT]))
-            similarity = (
-                self.clip.image_similarity(list(rows[self.source_column]), images) if self.source_column else None
-            )
+            sources = list(rows[self.source_column]) if self.source_column else None
+            similarity = self.clip.image_similarity(sources, images) if sources else None
+            directional = None
+            if self.captions:
+                before, after = (list(rows[column]) for column in self.captions)
+                directional = self.clip.directional_similarity(sources, images, before, after)
             for k, position in enumerate(positions):
                 scores[C.CLIP_SCORE][position] = float(clip_scores[k])
                 if similarity is not None:
                     scores[C.CLIP_IMAGE_SIMILARITY][position] = float(similarity[k])
+                if directional is not None:
+                    scores[C.CLIP_DIRECTIONAL_SIMILARITY][position] = float(directional[k])
