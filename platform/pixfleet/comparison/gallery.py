@@ -44,7 +44,9 @@ def write_side_by_side(root: Location, outputs: dict[str, str]) -> Location:
 def _first_images(output_dir: str) -> pd.DataFrame:
     """A model's manifest records of each input's first image, indexed by source_ref."""
     manifest = Location.of(output_dir) / "manifest.parquet"
-    table = pq.read_table(io.BytesIO(manifest.read_bytes())).to_pandas()
+    shown = (C.SOURCE_REF, C.IMAGE_INDEX, C.STATUS, C.ERROR, C.OUTPUT_PATH, C.INPUT_FILES, C.CONTROL_MAPS, C.PROMPT)
+    columns = [*shown, *C.SCORE_COLUMNS]  # what the page shows, not the whole record
+    table = pq.read_table(io.BytesIO(manifest.read_bytes()), columns=columns).to_pandas()
     return table[table[C.IMAGE_INDEX] == 0].set_index(C.SOURCE_REF).sort_index()
 
 

@@ -16,10 +16,14 @@ and depth, palette colours for segmentation).
 from __future__ import annotations
 
 from functools import cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pixfleet.engine.detectors import ade20k_palette
+
+if TYPE_CHECKING:
+    import torch
 
 EDGE_LEVEL = 127  # a map's pixel is an edge above this grey level (canny writes 0 or 255)
 
@@ -88,7 +92,7 @@ def _normalised_depth(depth_map: np.ndarray) -> np.ndarray:
 class ClipScorer:
     """A transformers CLIP model and its processor, loaded once; embeddings in batches."""
 
-    def __init__(self, model: str, device: str = "cpu"):
+    def __init__(self, model: str, device: str | torch.device = "cpu"):
         import transformers
 
         self.processor = transformers.CLIPProcessor.from_pretrained(model)
