@@ -12,6 +12,7 @@ from PIL import Image
 from pixfleet.config import ModelSpec
 from pixfleet.models.tasks import TASKS
 
+PROJECT = Path(__file__).resolve().parents[1]  # the repository: jobs/, pipelines_cfg/
 MULTI_CONTROLNET_TASKS = {"sdxl_controlnet"}
 
 

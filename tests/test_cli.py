@@ -104,3 +104,11 @@ def test_config_validate_checks_a_file_without_running_it(project_dir, monkeypat
 def test_make_tiny_lists_the_tasks_in_its_help():
     result = runner.invoke(app, ["models", "make-tiny", "--help"], env={"COLUMNS": "250"})
     assert "<controlnet|controlnet_img2img|controlnet_inpaint|sdxl_controlnet|pix2pix|sdxl_pix2pix>" in result.output
+
+
+def test_promote_is_refused_for_a_job_that_is_not_an_eval(tmp_path):
+    config = tmp_path / "job.yaml"
+    config.write_text("name: x\n")
+    result = runner.invoke(app, ["submit", "generate", str(config), "--promote", "champion"])
+    assert result.exit_code == 2
+    assert "--promote is an eval job's option, not a generate job's" in plain(result.output)

@@ -386,8 +386,10 @@ def serve(
 
 class JobKind(StrEnum):
     generate = "generate"
+    annotate = "annotate"
     train = "train"
     serve = "serve"
+    eval = "eval"
 
 
 JobsAddressOption = Annotated[
@@ -407,10 +409,13 @@ def submit(
     entrypoint_num_gpus: Annotated[float, typer.Option(help="GPUs reserved for the job's driver.")] = 0,
     wait: Annotated[bool, typer.Option(help="Wait for the end; exit 1 if the job did not succeed.")] = False,
     follow: Annotated[bool, typer.Option(help="Print the job's log as it runs, then exit like --wait.")] = False,
+    promote: Annotated[str | None, typer.Option(help="An eval job's --promote ALIAS (see `pixfleet eval`).")] = None,
 ) -> None:
-    """Submit a generate, train or serve job to a Ray cluster through the Jobs API."""
+    """Submit a generate, annotate, train, serve or eval job to a Ray cluster through the Jobs API."""
     from pixfleet import cluster
 
+    if promote and kind is not JobKind.eval:
+        _fail(f"--promote is an eval job's option, not a {kind.value} job's")
     environment = {}
     for item in env or []:
         key, sep, value = item.partition("=")
@@ -427,6 +432,7 @@ def submit(
             working_dir.resolve(),
             entrypoint_num_cpus,
             entrypoint_num_gpus,
+            ["--promote", promote] if promote else None,
         )
         typer.echo(f"submitted {kind.value} job {job_id}")
         if not (wait or follow):

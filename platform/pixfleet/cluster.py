@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -28,7 +29,7 @@ T = TypeVar("T")
 
 JOB_CONFIG_ENV = "PIXFLEET_JOB_CONFIG"  # the job's config as YAML text
 JOB_CONFIG_SOURCE_ENV = "PIXFLEET_JOB_CONFIG_SOURCE"  # where it came from, for error messages
-ENTRYPOINTS = {"generate": "jobs/generate.py", "train": "jobs/train.py", "serve": "jobs/serve.py"}
+ENTRYPOINTS = {kind: f"jobs/{kind}.py" for kind in ("generate", "annotate", "train", "serve", "eval")}
 # Never uploaded: environments, outputs, stores and caches can be gigabytes.
 WORKING_DIR_EXCLUDES = [
     ".venv",
@@ -107,18 +108,26 @@ def load_job_config(cls: type[ConfigT], path: str | None, overrides: list[str]) 
 
 
 def job_main(
-    config_cls: type[ConfigT], run: Callable[[ConfigT], str], description: str, argv: list[str] | None = None
+    config_cls: type[ConfigT],
+    run: Callable[..., str],
+    description: str,
+    argv: list[str] | None = None,
+    options: dict[str, str] | None = None,
 ) -> int:
-    """A `jobs/*.py` entrypoint: `[CONFIG] [--set a.b=value ...]`, then `run` on the config;
-    a user error prints as one `error:` line and exits with its code, as the CLI does."""
+    """A `jobs/*.py` entrypoint: `[CONFIG] [--set a.b=value ...]` and the `--NAME VALUE` of
+    `options` (name: help), then `run(config, NAME=VALUE...)`; a user error prints as one
+    `error:` line and exits with its code, as the CLI does."""
     import argparse
 
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("config", nargs="?", help=f"YAML file; default: ${JOB_CONFIG_ENV}")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="a.b=value")
+    for name, help_text in (options or {}).items():
+        parser.add_argument(f"--{name}", help=help_text)
     args = parser.parse_args(argv)
+    extra = {name: getattr(args, name) for name in options or {}}
     try:
-        print(run(load_job_config(config_cls, args.config, args.overrides)))
+        print(run(load_job_config(config_cls, args.config, args.overrides), **extra))
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
@@ -159,8 +168,9 @@ def submit_job(
     working_dir: Path,
     entrypoint_num_cpus: float = 0,
     entrypoint_num_gpus: float = 0,
+    entrypoint_args: list[str] | None = None,
 ) -> str:
-    """Submit `kind`'s entrypoint with the config and return the job id."""
+    """Submit `kind`'s entrypoint with the config (and `entrypoint_args` after it) and return the job id."""
     if not config_path.is_file():
         raise ConfigError(f"config file not found: {config_path}")
     if not (working_dir / ENTRYPOINTS[kind]).is_file():
@@ -177,7 +187,7 @@ def submit_job(
     while True:
         try:
             return client.submit_job(
-                entrypoint=f"python {ENTRYPOINTS[kind]}",
+                entrypoint=shlex.join(["python", ENTRYPOINTS[kind], *(entrypoint_args or [])]),
                 runtime_env={"working_dir": str(working_dir), "excludes": WORKING_DIR_EXCLUDES, "env_vars": env_vars},
                 metadata={"pixfleet_kind": kind, "pixfleet_config": str(config_path)},
                 entrypoint_num_cpus=entrypoint_num_cpus,

@@ -14,7 +14,7 @@ from pixfleet.comparison.report import decide
 from pixfleet.config.evaluation import EvalJobConfig, PromotionConfig
 from pixfleet.evaluation.statistics import Figure, bootstrap_mean, paired_difference
 from pixfleet.models.tiny import make_tiny_inception
-from tests.helpers import CHROMIUM, register_controlnet, rendered_dom, tiny_spec
+from tests.helpers import CHROMIUM, PROJECT, register_controlnet, rendered_dom, tiny_spec
 
 pytestmark = pytest.mark.timeout(300)
 RNG = np.random.default_rng(3)
@@ -198,3 +198,33 @@ def test_eval_promotes_the_better_challenger_and_refuses_the_worse_recording_why
     assert tags["pixfleet.eval.decision"] == "refused"
     assert "worse than the champion's" in tags["pixfleet.eval.reason"]
     assert mlflow.get_run(second.mlflow_run_id).data.tags["pixfleet.eval.decision"] == "refused"
+
+
+def test_the_eval_job_entrypoint_takes_promote_as_the_command_does(tmp_path):
+    """`pixfleet submit eval CONFIG --promote ALIAS` runs `python jobs/eval.py --promote ALIAS`
+    on the cluster: the option reaches run_eval (which refuses it here, before any work, as the
+    config has no promotion section)."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    config = tmp_path / "eval.yaml"
+    model = {"task": "controlnet", "base_model": "a/b", "controlnets": ["c/d"]}
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "models": [{"name": "champion", "model": model}],
+                "source": {"path": str(tmp_path)},
+                "evaluate": {"control": [{"detector": "canny"}]},
+                "sink": {"output_dir": str(tmp_path / "out")},
+            }
+        )
+    )
+    command = [sys.executable, "jobs/eval.py", str(config), "--promote", "champion"]
+    result = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: --promote needs a promotion section (primary metric, rule, guards) in the config"
+    )
+    assert not (tmp_path / "out").exists()
