@@ -11,8 +11,6 @@ export TOKENIZERS_PARALLELISM ?= false
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# torch first: this pin takes the CPU build that lies on disk instead of a CUDA download.
-	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[test]'
 	# DeepSpeed compiles its CPU ops (Adam for ZeRO-Offload, shared-memory collectives) the first
 	# time a run needs them, minutes on a small machine: build them once, into torch's extension cache.
