@@ -66,8 +66,13 @@ def write_yaml(config: ServingConfig, path: Path) -> Path:
     return path
 
 
-def serving_config(tiny_dir: Path, tracking_uri: str, port: int, name: str, **overrides) -> ServingConfig:
+def serving_config(
+    tiny_dir: Path, tracking_uri: str, port: int, name: str, annotators: Path | None = None, **overrides
+) -> ServingConfig:
+    """The apps' config; with `annotators` (a folder holding HED's checkpoint), the ControlNet
+    model holds the softedge_hed detector requests may ask for."""
     controlnet = tiny_spec(tiny_dir, "controlnet", scheduler="unipc").model_dump()
+    detectors = [{"detector": "softedge_hed", "model": str(annotators), "detect_resolution": 64}] if annotators else []
     pix2pix = tiny_spec(tiny_dir, "pix2pix").model_dump()
     data = {
         "name": name,
@@ -84,6 +89,7 @@ def serving_config(tiny_dir: Path, tracking_uri: str, port: int, name: str, **ov
                 "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.5},
                 "num_cpus": 0.1,
                 "multiplex": {"registered_models": [REGISTERED], "max_models_per_replica": 2},
+                "detectors": detectors,
                 "max_pixel_steps": MAX_PIXEL_STEPS,
                 "spare_engine": False,  # only the tight app's model replaces a stuck engine
             },
@@ -105,6 +111,7 @@ def serving_config(tiny_dir: Path, tracking_uri: str, port: int, name: str, **ov
 def server(ray_session, tiny_dir, tmp_path_factory):
     from ray import serve
 
+    from pixfleet.models.annotators import make_random_annotator
     from pixfleet.models.tiny import make_tiny_pipeline
     from pixfleet.serving.app import build_app, http_options
 
@@ -114,7 +121,8 @@ def server(ray_session, tiny_dir, tmp_path_factory):
     register_controlnet(registry_dir / "v1" / "controlnet", REGISTERED, tracking_uri, registry_dir / "artifacts")
 
     port = free_port()
-    main = serving_config(tiny_dir, tracking_uri, port, "main")
+    annotators = make_random_annotator("softedge_hed", registry_dir / "Annotators")
+    main = serving_config(tiny_dir, tracking_uri, port, "main", annotators)
     tight = serving_config(
         tiny_dir,
         tracking_uri,
@@ -124,7 +132,7 @@ def server(ray_session, tiny_dir, tmp_path_factory):
         limits={"request_timeout_s": 4, "stop_grace_s": 1, "max_image_pixels": 1024 * 1024},
         models=[
             {
-                **main.models[0].model_dump(exclude={"multiplex", "max_pixel_steps"}),
+                **main.models[0].model_dump(exclude={"multiplex", "max_pixel_steps", "detectors"}),
                 "spare_engine": True,
                 "batching": {"max_batch_size": 1, "batch_wait_timeout_s": 0},
                 "max_ongoing_requests": 1,

@@ -75,6 +75,28 @@ def test_generation_equals_a_direct_diffusers_call(server, tiny_dir):
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png.content))), decoded(body["data"][0]))
 
 
+def test_a_requested_detector_makes_the_map_in_the_engine_as_controlnet_aux_does(server):
+    """The same image as a request that sends controlnet_aux's HED map of the photo ready-made:
+    the replica's engine ran the detector, with the served settings, on the fitted photo."""
+    from controlnet_aux import HEDdetector
+
+    annotators = server.config.models[0].detectors[0].model
+    photo = random_image(3)
+    hed_map = HEDdetector.from_pretrained(annotators)(photo, detect_resolution=64, image_resolution=64)
+    with server.client("/main") as client:
+        detected = client.post("/v1/generate", json=controlnet_request(3, seed=5, detector="softedge_hed"))
+        given = client.post("/v1/generate", json={**controlnet_request(3, seed=5), "control_images": [b64(hed_map)]})
+        plain = client.post("/v1/generate", json=controlnet_request(3, seed=5))
+        unknown = client.post("/v1/generate", json=controlnet_request(3, detector="lineart"))
+    assert detected.status_code == given.status_code == plain.status_code == 200, detected.text
+    image = decoded(detected.json()["data"][0])
+    np.testing.assert_array_equal(image, decoded(given.json()["data"][0]))
+    assert not np.array_equal(image, decoded(plain.json()["data"][0]))  # the photo itself as the map differs
+    error = assert_error_shape(unknown, 422)
+    assert error["param"] == "detector"
+    assert error["message"] == "detector: model 'tiny-controlnet' has no detector 'lineart'; it holds softedge_hed"
+
+
 def test_multipart_upload_gives_the_json_result(server):
     control = png_bytes(random_image(1))
     with server.client("/main") as client:

@@ -7,7 +7,12 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from pixfleet.config.base import StrictModel
-from pixfleet.config.generation import ControlPreprocessConfig, GenerationParams, check_params_for_model
+from pixfleet.config.generation import (
+    MODEL_DETECTORS,
+    ControlPreprocessConfig,
+    GenerationParams,
+    check_params_for_model,
+)
 from pixfleet.config.model import ModelSpec
 
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -57,6 +62,12 @@ class ServedModelConfig(StrictModel):
         default_factory=lambda: [ControlPreprocessConfig()],
         description="How control images become control maps: one per ControlNet, or one for all.",
     )
+    detectors: list[ControlPreprocessConfig] = Field(
+        default_factory=list,
+        description="Model detectors (depth, segmentation, the annotators) a request may ask for by name "
+        "(`detector`): loaded once in the replica's engine process, beside the pipeline, and run there on the "
+        "request's control images.",
+    )
     defaults: GenerationParams = Field(
         default_factory=GenerationParams, description="Parameter defaults for fields a request leaves unset."
     )
@@ -97,8 +108,16 @@ class ServedModelConfig(StrictModel):
             raise ValueError(f"control has {len(self.control)} entries for {n} controlnets")
         if any(control.uses_model for control in self.control):
             raise ValueError(
-                "model detectors (depth, segmentation) run in bulk jobs; a served model takes ready-made maps of them"
+                "control: a model detector runs in the engine process when a request asks for it: list it under "
+                "`detectors` (requests name it in `detector`)"
             )
+        names = [detector.detector for detector in self.detectors]
+        if refused := [name for name in names if name not in MODEL_DETECTORS]:
+            raise ValueError(f"detectors: {', '.join(refused)} needs no model; give it in `control`")
+        if len(set(names)) < len(names):
+            raise ValueError(f"detectors: each detector once ({', '.join(names)})")
+        if self.detectors and not self.model.num_controlnets:
+            raise ValueError(f"detectors: task {self.model.task!r} takes no control image")
         if self.max_ongoing_requests < self.batching.max_batch_size:
             raise ValueError("max_ongoing_requests must be >= batching.max_batch_size")
         return self

@@ -36,6 +36,7 @@ CLIP_IMAGE_SIMILARITY = "clip_image_similarity"  # evaluate: cos of the image an
 CLIP_DIRECTIONAL_SIMILARITY = "clip_directional_similarity"  # evaluate: the edit against its captions' change
 SCORE_COLUMNS = (CONTROL_SCORES, CONTROL_METRICS, CLIP_SCORE, CLIP_IMAGE_SIMILARITY, CLIP_DIRECTIONAL_SIMILARITY)
 INPUT_CAPTION, EDITED_CAPTION = "input_caption", "edited_caption"  # an edit's before/after captions (evaluate)
+DETECTOR = "detector"  # serving: the model detector the engine runs on the row's control images first
 
 OK, FAILED, SKIPPED = "ok", "failed", "skipped"
 PLANNED = "planned"  # a dry run's row: everything checked, nothing generated

@@ -11,7 +11,7 @@ A spare child can be kept with torch and diffusers imported, waiting: a restart 
 model load, not a Python start. Children run `python -m pixfleet.engine.process` and speak pickled
 tuples over a socket pair:
 
-    parent -> child   (spec, max_controlnets)                      once: load this pipeline
+    parent -> child   (spec, max_controlnets, detectors)           once: load this pipeline and detectors
                       ("generate", rows, controlnet_folder | None, deadline)
                       ("load_controlnet", folder)
     child -> parent   ("ready", EngineInfo) once loaded, then ("ok", result) or ("error", kind, message)
@@ -27,11 +27,13 @@ import sys
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
-from pixfleet.config import ModelSpec
+from pixfleet.config import ControlPreprocessConfig, ModelSpec
+from pixfleet.engine import columns as C
 
 logger = logging.getLogger(__name__)
 
@@ -86,9 +88,16 @@ class EngineProcess:
     Blocking methods: call them from a worker thread when an event loop must stay free.
     """
 
-    def __init__(self, spec: ModelSpec, max_controlnets: int = 0, spare: bool = True):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        max_controlnets: int = 0,
+        spare: bool = True,
+        detectors: Sequence[ControlPreprocessConfig] = (),
+    ):
         self.spec = spec
         self.max_controlnets = max_controlnets
+        self.detectors = list(detectors)
         self.keep_spare = spare
         self.child: _Child | None = None
         self.spare: _Child | None = None
@@ -103,7 +112,7 @@ class EngineProcess:
         """Hand the pipeline to the spare child (or a new one), wait until it is loaded, then
         start the next spare (not before: its imports would slow this load on a busy node)."""
         child, self.spare = self.spare or _Child(), None
-        child.connection.send((self.spec, self.max_controlnets))
+        child.connection.send((self.spec, self.max_controlnets, self.detectors))
         if not child.connection.poll(timeout_s):
             child.kill()
             raise EngineStopped(f"the engine process did not load {self.spec.base_model} in {timeout_s:.0f} s")
@@ -198,15 +207,17 @@ class EngineProcess:
 def _serve(connection: Connection) -> None:
     """The child: load the pipeline it is given, then answer calls until the pipe closes."""
     try:
-        spec, max_controlnets = connection.recv()
+        spec, max_controlnets, detector_configs = connection.recv()
     except EOFError:
         return  # a spare that was never needed
     try:
         import torch
 
+        from pixfleet.engine.detectors import load_detector
         from pixfleet.engine.runner import PipelineRunner
 
         runner = PipelineRunner.load(spec)
+        detectors = {config.detector: load_detector(config, runner.device) for config in detector_configs}
         if spec.optimizations.torch_compile or runner.device.type == "cuda":
             runner.warm_up(*runner.native_size)  # compile and set up the GPU before the first request
         info = EngineInfo(runner.sampler, str(runner.device), torch.get_num_threads(), runner.size_multiple)
@@ -229,9 +240,20 @@ def _serve(connection: Connection) -> None:
                 if controlnet:  # loaded already, unless this process replaced a killed one
                     _load_controlnet(runner, spec, controlnets, controlnet, max_controlnets)
                 chosen = controlnets[controlnet] if controlnet else runner
-                connection.send(("ok", chosen.generate(rows, deadline=deadline)))
+                connection.send(("ok", chosen.generate(_detected(rows, detectors), deadline=deadline)))
         except Exception as error:
             connection.send(("error", _error_kind(error), _one_line(error)))
+
+
+def _detected(rows: list[dict[str, Any]], detectors: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows whose control images a request's detector turns into maps here, beside the pipeline."""
+    out = []
+    for row in rows:
+        if row.get(C.DETECTOR):
+            detect = detectors[row[C.DETECTOR]]
+            row = {key: detect([v])[0] if C.control_index(key) is not None else v for key, v in row.items()}
+        out.append(row)
+    return out
 
 
 def _load_controlnet(runner, spec: ModelSpec, controlnets: OrderedDict, folder: str, max_controlnets: int) -> None:

@@ -201,7 +201,7 @@ class Ingress:
         deadline = time.time() + limits.request_timeout_s
         version = await asyncio.to_thread(self._controlnet_version, served, request.controlnet)
         size = (request.width, request.height)
-        row = await asyncio.to_thread(prepare_row, served, limits, request.params(), images, size)
+        row = await asyncio.to_thread(prepare_row, served, limits, request.params(), images, size, request.detector)
         row[DEADLINE] = deadline
         handle = self.handles[served.name]
         if version:

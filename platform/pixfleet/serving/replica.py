@@ -45,7 +45,7 @@ class ModelReplica:
         self.stop_grace_s = stop_grace_s
         lru_size = served.multiplex.max_models_per_replica if served.multiplex else 0
         spec = resolve_registry_models(served.model, tracking_uri)
-        self.engine = EngineProcess(spec, max_controlnets=lru_size, spare=served.spare_engine)
+        self.engine = EngineProcess(spec, lru_size, served.spare_engine, served.detectors)
         self.engine.start()
         self.broken: str | None = None
         self.generate.set_max_batch_size(served.batching.max_batch_size)

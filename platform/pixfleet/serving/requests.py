@@ -79,14 +79,18 @@ def prepare_row(
     params: dict[str, Any],
     images: dict[str, bytes],
     size: tuple[int | None, int | None],
+    detector: str | None = None,
 ) -> dict[str, Any]:
     """A generation row as the bulk job's decode and preprocess stages would make it.
 
     `params` are the request's own parameters; `images` maps request fields to bytes;
-    `size` is the requested (width, height), or (None, None) to keep the first image's.
+    `size` is the requested (width, height), or (None, None) to keep the first image's;
+    `detector` names one of the model's `detectors`, which the engine process runs on the
+    fitted control images (the model's `control` runs here otherwise).
     """
     spec = served.model
     images = check_images(served, images)
+    check_detector(served, detector)
     try:
         resolved = resolve_params(served.defaults, params, spec.task, spec.num_controlnets)
     except RowError as error:
@@ -111,9 +115,11 @@ def prepare_row(
     for field, column in fields.items():
         image = fit_image(arrays[field], width, height, resize_mode, "lanczos")
         index = C.control_index(column)
-        if index is not None:
+        if index is not None and detector is None:
             image = detect(image, served.control[index if len(served.control) > 1 else 0])
         row[column] = image
+    if detector is not None:
+        row[C.DETECTOR] = detector
     seed = resolved["seed"] if resolved["seed"] is not None else secrets.randbits(62)
     resolved["seed"] = seed
     return {
@@ -126,6 +132,16 @@ def prepare_row(
         C.PARAMS: json.dumps(resolved),
         C.SEED: seed,
     }
+
+
+def check_detector(served: ServedModelConfig, detector: str | None) -> None:
+    """422 naming `detector` when the model holds no such detector."""
+    if detector is None:
+        return
+    held = [control.detector for control in served.detectors]
+    if detector not in held:
+        offered = f"it holds {', '.join(held)}" if held else "it holds none (its `detectors` is empty)"
+        raise ApiError(422, f"detector: model {served.name!r} has no detector {detector!r}; {offered}", "detector")
 
 
 def _output_size(

@@ -34,6 +34,11 @@ class GenerateRequest(GenerationParams):
     controlnet: str | None = Field(
         None, description="A registered ControlNet to use instead of the model's own: NAME@ALIAS or NAME/VERSION."
     )
+    detector: str | None = Field(
+        None,
+        description="A model detector of the served model (its `detectors`, e.g. lineart) that turns the control "
+        "images into control maps; unset: the model's `control` (ready-made maps, canny, ...).",
+    )
     response_format: Literal["b64_json", "png"] = Field(
         "b64_json", description="JSON with base64 images, or the first image as PNG bytes."
     )
