@@ -1,13 +1,16 @@
-"""Throughput of a pixfleet annotate job against a plain loop over the same depth model, in one run.
+"""Throughput of a pixfleet annotate job against a plain loop over the same detector, in one run.
 
 Both sides do the same work on the same photos: read each photo, resize it to the training
-resolution, run the same DPT depth model (same batch size and torch threads) through its image
-processor, and write the photo and its depth map as PNGs. Steady state is measured alike:
+resolution, run the same detector (same batch size and torch threads), and write the photo and
+its map as PNGs. The detector is a DPT depth model run through its image processor (`--detector
+depth`, the default), or one of ControlNet 1.1's annotators (`--detector lineart`, ...), which
+the plain loop calls as controlnet_aux's README does, one photo at a time. Steady state is measured alike:
 maps written after the first quarter, over the time from then to the last file. The driver's
 share of a core (its CPU seconds over the job's wall seconds) is reported beside each run: the
 work the rows cost the process that only counts them.
 
     python benchmarks/annotate_throughput.py [--rows 256] [--batch-size 8] [--size 256] [--threads 2]
+        [--detector depth|lineart|lineart_anime|softedge_hed|softedge_pidinet|scribble_hed|mlsd|openpose|normal_bae]
 """
 
 from __future__ import annotations
@@ -29,7 +32,9 @@ from PIL import Image
 from pixfleet.annotation.job import run_annotation
 from pixfleet.cluster import ensure_ray
 from pixfleet.config.annotation import AnnotateJobConfig
+from pixfleet.config.generation import ANNOTATOR_DETECTORS
 from pixfleet.data.fill50k import fill50k_row
+from pixfleet.models.annotators import make_random_annotator
 
 
 def parse_args() -> argparse.Namespace:
@@ -38,7 +43,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--size", type=int, default=256, help="photo side; also the training resolution")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads on both sides")
-    parser.add_argument("--model", help="a depth-estimation model folder; default: a small random DPT")
+    parser.add_argument("--detector", default="depth", choices=("depth", *ANNOTATOR_DETECTORS))
+    parser.add_argument(
+        "--model",
+        help="a depth-estimation model folder, or an annotators folder laid out as lllyasviel/Annotators; "
+        "default: a small random DPT, or the annotator's checkpoints with random weights",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="plain/pixfleet pairs, alternated")
     parser.add_argument("--num-gpus-per-detector", type=float, default=0.0)
     return parser.parse_args()
@@ -68,6 +78,8 @@ def make_depth_model(folder: Path, size: int) -> Path:
 
 def plain_loop(args, model: Path, photos: list[Path], out: Path) -> float:
     """What a user writes without pixfleet: load once, loop over batches, save the pairs."""
+    if args.detector != "depth":
+        return plain_annotator_loop(args, model, photos, out)
     from transformers import AutoImageProcessor, AutoModelForDepthEstimation
 
     start = time.perf_counter()
@@ -89,12 +101,46 @@ def plain_loop(args, model: Path, photos: list[Path], out: Path) -> float:
     return time.perf_counter() - start
 
 
+# controlnet_aux's class of each annotator and the arguments of its call for the map pixfleet makes
+ANNOTATOR_CALLS = {
+    "lineart": ("LineartDetector", {}),
+    "lineart_anime": ("LineartAnimeDetector", {}),
+    "softedge_hed": ("HEDdetector", {}),
+    "scribble_hed": ("HEDdetector", {"scribble": True}),
+    "softedge_pidinet": ("PidiNetDetector", {}),
+    "mlsd": ("MLSDdetector", {}),
+    "openpose": ("OpenposeDetector", {}),
+    "normal_bae": ("NormalBaeDetector", {}),
+}
+
+
+def plain_annotator_loop(args, folder: Path, photos: list[Path], out: Path) -> float:
+    """controlnet_aux as its README uses it: from_pretrained once, one call per photo."""
+    import controlnet_aux
+
+    start = time.perf_counter()
+    name, arguments = ANNOTATOR_CALLS[args.detector]
+    device = "cuda" if args.num_gpus_per_detector else "cpu"
+    annotator = getattr(controlnet_aux, name).from_pretrained(str(folder)).to(device)
+    (out / "images").mkdir(parents=True)
+    (out / "conditioning_images").mkdir()
+    for i, path in enumerate(photos):
+        image = Image.open(path).convert("RGB").resize((args.size, args.size))
+        found = annotator(image, detect_resolution=args.size, image_resolution=args.size, **arguments)
+        image.save(out / "images" / f"{i:06d}.png")
+        found.save(out / "conditioning_images" / f"{i:06d}.png")
+    return time.perf_counter() - start
+
+
 def annotate_job(args, model: Path, photos: Path, out: Path) -> AnnotateJobConfig:
+    detector = {"detector": args.detector, "model": str(model)}
+    if args.detector != "depth":
+        detector["detect_resolution"] = args.size
     return AnnotateJobConfig.model_validate(
         {
             "name": "bench-annotate",
             "source": {"path": str(photos)},
-            "detector": {"detector": "depth", "model": str(model)},
+            "detector": detector,
             "resolution": args.size,
             "caption": {"template": "a photo"},
             "output_dir": str(out),
@@ -115,7 +161,12 @@ def main() -> None:
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="pixfleet-bench-annotate-"))
-    model = Path(args.model) if args.model else make_depth_model(work / "dpt", args.size)
+    if args.model:
+        model = Path(args.model)
+    elif args.detector == "depth":
+        model = make_depth_model(work / "dpt", args.size)
+    else:
+        model = make_random_annotator(args.detector, work / "Annotators")
     rng = np.random.default_rng(0)
     photos = []
     for i in range(args.rows):
@@ -145,7 +196,7 @@ def main() -> None:
             f"{driver_share:.2f} of a core), ratio {ratios[-1]:.3f}"
         )
 
-    print(f"rows {args.rows}, batch {args.batch_size}, {args.size}px, {args.threads} threads, depth model {model}")
+    print(f"rows {args.rows}, batch {args.batch_size}, {args.size}px, {args.threads} threads, {args.detector} {model}")
     print("\n".join(lines))
     print(f"Ray startup {statistics.median(ray_seconds):.1f} s (median, in neither figure)")
     print(f"ratio pixfleet/plain, steady state: median {statistics.median(ratios):.3f} of {len(ratios)}")

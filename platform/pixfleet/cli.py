@@ -24,8 +24,19 @@ app.add_typer(jobs_app, name="jobs")
 app.add_typer(config_app, name="config")
 
 ConfigKind = StrEnum("ConfigKind", {kind: kind for kind in ("generate", "train", "serve", "annotate", "eval")})
+# The annotators' checkpoints by their families' names (hed serves softedge_hed and scribble_hed).
+ANNOTATOR_CHECKPOINTS = {
+    "lineart": "lineart",
+    "lineart_anime": "lineart_anime",
+    "hed": "softedge_hed",
+    "pidinet": "softedge_pidinet",
+    "mlsd": "mlsd",
+    "openpose": "openpose",
+    "normal_bae": "normal_bae",
+}
 AnnotatorKind = StrEnum(
-    "AnnotatorKind", {kind: kind for kind in ("depth", "segmentation", "caption", "clip", "inception")}
+    "AnnotatorKind",
+    {kind: kind for kind in ("depth", "segmentation", "caption", "clip", "inception", *ANNOTATOR_CHECKPOINTS)},
 )
 TaskName = StrEnum("TaskName", {task: task for task in TASKS})
 ArchName = StrEnum("ArchName", {arch: arch for arch in ARCHITECTURES})
@@ -158,15 +169,27 @@ def make_tiny(
 def make_tiny_annotator(
     kind: Annotated[
         AnnotatorKind,
-        typer.Option(help="depth or segmentation detector, captioner, CLIP (evaluate.clip_model), Inception (fid)."),
+        typer.Option(
+            help="depth or segmentation detector, captioner, CLIP (evaluate.clip_model), Inception (fid), "
+            "or an annotator's checkpoints."
+        ),
     ],
     out: Annotated[Path, typer.Option(help="Folder to save the model and its processor in (inception: the file).")],
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
 ) -> None:
     """Build a tiny random detector, captioner or evaluation model (DPT, SegFormer, BLIP, CLIP;
     save_pretrained) or a TorchScript file called as clean-fid's Inception is: what
-    `detector.model`, `caption.model`, `evaluate.clip_model` and `fid.inception` load offline."""
+    `detector.model`, `caption.model`, `evaluate.clip_model` and `fid.inception` load offline.
+    The annotators' kinds write their checkpoint files (full-size, random weights) into OUT as
+    lllyasviel/Annotators lays them out: one folder can hold them all."""
     from pixfleet.models import tiny
+
+    if kind.value in ANNOTATOR_CHECKPOINTS:
+        from pixfleet.models.annotators import make_random_annotator
+
+        make_random_annotator(ANNOTATOR_CHECKPOINTS[kind.value], out, seed=seed)
+        typer.echo(f"saved random {kind.value} checkpoints to {out}")
+        return
 
     makers = {
         "depth": tiny.make_tiny_depth_estimator,

@@ -12,6 +12,7 @@ from pixfleet.evaluation.metrics import (
     ClipScorer,
     depth_rmse,
     edge_f1,
+    ms_ssim,
     palette_labels,
     segmentation_miou,
 )
@@ -38,6 +39,18 @@ def test_identical_edges_score_one_and_disjoint_edges_zero():
     edges = _edge_map(0.2)
     assert edge_f1(edges, edges) == 1.0
     assert edge_f1(edges, 255 - edges) == 0.0
+
+
+def test_ms_ssim_of_grey_maps_is_one_for_the_same_map_and_falls_with_the_difference():
+    import cv2
+
+    soft = cv2.GaussianBlur((RNG.random((192, 200)) * 255).astype(np.uint8), (0, 0), 3)
+    as_detected = np.repeat(soft[:, :, None], 3, axis=2)  # detectors give three equal channels
+    assert ms_ssim(as_detected, soft) == pytest.approx(1.0, abs=1e-5)
+    slightly, very = (np.clip(soft + RNG.normal(0, s, soft.shape), 0, 255).astype(np.uint8) for s in (5, 60))
+    assert 1.0 > ms_ssim(slightly, soft) > ms_ssim(very, soft) >= 0.0
+    with pytest.raises(ValueError, match=r"MS-SSIM needs maps of at least 176 px a side, got 200x160"):
+        ms_ssim(soft[:160], soft[:160])
 
 
 def test_depth_rmse_is_the_rmse_of_the_min_max_normalised_maps():

@@ -3,6 +3,8 @@ and the job."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -148,9 +150,10 @@ def test_a_job_with_a_depth_detector_writes_its_maps_and_images(tiny_dir, depth_
         assert_same_map(saved, pipeline_depth(depth_model, source))
         text = Image.open(row[C.OUTPUT_PATH]).info["parameters"]
         assert '"Module: depth, ' in text and ", Preprocessor model: tiny-dpt, " in text
+        assert json.loads(row["control_preprocessing"]) == [{"Module": "depth", "Preprocessor model": depth_model}]
 
 
-def test_a_depth_detector_needs_a_model_and_serving_refuses_it(tiny_dir, depth_model):
+def test_a_depth_detector_needs_a_model_and_serving_holds_it_for_requests(tiny_dir, depth_model):
     from pydantic import ValidationError
 
     from pixfleet.config.serving import ServedModelConfig
@@ -160,7 +163,12 @@ def test_a_depth_detector_needs_a_model_and_serving_refuses_it(tiny_dir, depth_m
         ControlPreprocessConfig(detector="depth")
     with pytest.raises(ValidationError, match="detector 'canny' takes no 'model'"):
         ControlPreprocessConfig(detector="canny", model=depth_model)
-    with pytest.raises(ValidationError, match=r"model detectors \(depth, segmentation\) run in bulk jobs"):
-        ServedModelConfig(
-            name="m", model=tiny_spec(tiny_dir, "controlnet"), control=[{"detector": "depth", "model": depth_model}]
-        )
+    spec = tiny_spec(tiny_dir, "controlnet")
+    depth = {"detector": "depth", "model": depth_model}
+    with pytest.raises(ValidationError, match=r"control: a model detector runs in the engine process when a request"):
+        ServedModelConfig(name="m", model=spec, control=[depth])
+    with pytest.raises(ValidationError, match=r"detectors: canny needs no model; give it in `control`"):
+        ServedModelConfig(name="m", model=spec, detectors=[{"detector": "canny"}])
+    with pytest.raises(ValidationError, match=r"detectors: each detector once \(depth, depth\)"):
+        ServedModelConfig(name="m", model=spec, detectors=[depth, depth])
+    assert ServedModelConfig(name="m", model=spec, detectors=[depth]).detectors[0].model == depth_model

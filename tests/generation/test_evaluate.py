@@ -19,6 +19,7 @@ from pixfleet.engine.detectors import DepthDetector, SegmentationDetector
 from pixfleet.evaluation.metrics import ClipScorer, depth_rmse, palette_labels, segmentation_miou
 from pixfleet.generation.job import run_generation
 from pixfleet.generation.stages.evaluate_stage import EvaluateStage
+from pixfleet.models.annotators import make_random_annotator
 from tests.helpers import random_image, tiny_job
 
 pytestmark = pytest.mark.timeout(240)
@@ -82,6 +83,11 @@ def test_evaluation_settings_that_cannot_work_are_refused(tiny_dir, fill50k_dir,
         tiny_job(tiny_dir, "controlnet", fill50k_dir, tmp_path, evaluate={})
     with pytest.raises(ValueError, match=r"evaluate: nothing to measure"):
         tiny_job(tiny_dir, "pix2pix", fill50k_dir, tmp_path, evaluate={"controllability": False})
+    with pytest.raises(ValueError, match=r"ControlNet 0's detector 'shuffle' has no controllability metric"):
+        tiny_job(tiny_dir, "controlnet", fill50k_dir, tmp_path, evaluate={"control": [{"detector": "shuffle"}]})
+    pidinet = {"detector": "softedge_pidinet", "model": str(make_random_annotator("softedge_pidinet", tmp_path / "a"))}
+    with pytest.raises(ValueError, match=r"softedge_pidinet maps are scored by MS-SSIM, which needs images of"):
+        tiny_job(tiny_dir, "controlnet", fill50k_dir, tmp_path, evaluate={"control": [pidinet]})
 
 
 def _blank_maps(fill50k_dir, out):

@@ -152,7 +152,9 @@ class AnnotateJobConfig(StrictModel):
     @model_validator(mode="after")
     def _a_detector(self) -> AnnotateJobConfig:
         if self.detector.detector == "none":
-            raise ValueError("detector.detector: 'none' makes no control map; choose canny, depth or segmentation")
+            raise ValueError(
+                "detector.detector: 'none' makes no control map; choose one that does (canny, depth, lineart, ...)"
+            )
         return self
 
     def fingerprint(self) -> dict:

@@ -11,6 +11,7 @@ from pixfleet.config.base import StrictModel
 from pixfleet.config.model import ModelSpec
 from pixfleet.config.paths import ExistingPath, ModelOrPath
 from pixfleet.config.tracking import TrackingConfig
+from pixfleet.evaluation.summary import METRIC_OF_DETECTOR, MS_SSIM_MIN_SIDE
 from pixfleet.models.tasks import task_info, unused_parameters
 
 PER_CONTROLNET = ("controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end")
@@ -52,37 +53,122 @@ class SourceConfig(StrictModel):
     limit: int | None = Field(None, ge=1, description="Read at most this many rows.")
 
 
-MODEL_DETECTORS = ("depth", "segmentation")  # detectors with a model of their own, run by the detect stage
+TRANSFORMERS_DETECTORS = ("depth", "segmentation")  # transformers models
+# ControlNet 1.1's annotators (controlnet_aux), weights laid out as lllyasviel/Annotators.
+ANNOTATOR_DETECTORS = (
+    "lineart",
+    "lineart_anime",
+    "softedge_hed",
+    "softedge_pidinet",
+    "scribble_hed",
+    "mlsd",
+    "openpose",
+    "normal_bae",
+)
+MODEL_DETECTORS = TRANSFORMERS_DETECTORS + ANNOTATOR_DETECTORS  # run by the detect stage
+DetectorName = Literal[
+    "none",
+    "canny",
+    "shuffle",
+    "tile",
+    "depth",
+    "segmentation",
+    "lineart",
+    "lineart_anime",
+    "softedge_hed",
+    "softedge_pidinet",
+    "scribble_hed",
+    "mlsd",
+    "openpose",
+    "normal_bae",
+]
 
 
 class ControlPreprocessConfig(StrictModel):
     """How one control map is made from its input image."""
 
-    detector: Literal["none", "canny", "depth", "segmentation"] = Field(
+    detector: DetectorName = Field(
         "none",
-        description="'none' passes a ready-made control map; 'canny' detects edges (OpenCV); 'depth' runs "
-        "`model`, a transformers depth-estimation model (DPT, Depth Anything, ...); 'segmentation' runs "
-        "`model`, a transformers semantic-segmentation model trained on ADE20K (UperNet, SegFormer, ...), "
-        "painted in the ADE20K palette.",
+        description="'none' passes a ready-made control map; 'canny' detects edges (OpenCV); 'shuffle' "
+        "(content shuffle) and 'tile' (blur by downsampling) need no model; 'depth' runs `model`, a "
+        "transformers depth-estimation model (DPT, Depth Anything, ...); 'segmentation' runs `model`, a "
+        "transformers semantic-segmentation model trained on ADE20K (UperNet, SegFormer, ...), painted in the "
+        "ADE20K palette; the others are ControlNet 1.1's annotators (controlnet_aux), their weights in "
+        "`model`, a folder laid out as lllyasviel/Annotators or that hub id.",
     )
     low_threshold: int = Field(100, ge=0, le=255, description="Canny lower hysteresis threshold.")
     high_threshold: int = Field(200, ge=0, le=255, description="Canny upper hysteresis threshold.")
     model: ModelOrPath | None = Field(
         None,
         description="Hub id or folder of the detector's model, e.g. Intel/dpt-hybrid-midas (depth), "
-        "openmmlab/upernet-convnext-small (segmentation).",
+        "openmmlab/upernet-convnext-small (segmentation), lllyasviel/Annotators (the annotators).",
+    )
+    detect_resolution: int = Field(
+        512, ge=64, le=4096, description="Annotators and shuffle: the image's shorter side as the detector sees it."
+    )
+    coarse: bool = Field(False, description="lineart: the coarse model (sd-webui's lineart_coarse).")
+    safe: bool = Field(
+        False, description="softedge_hed, softedge_pidinet: quantised edges (sd-webui's hedsafe, pidisafe)."
+    )
+    mlsd_value_threshold: float = Field(0.1, ge=0.01, le=2, description="mlsd: score a line needs (thr_v).")
+    mlsd_distance_threshold: float = Field(
+        0.1, ge=0.01, le=20, description="mlsd: shortest line kept, in pixels of the detector's map (thr_d)."
+    )
+    include_body: bool = Field(True, description="openpose: draw the body's keypoints.")
+    include_hand: bool = Field(False, description="openpose: detect and draw hands.")
+    include_face: bool = Field(False, description="openpose: detect and draw the face.")
+    tile_downsample: float = Field(
+        1.0, ge=1, le=8, description="tile: downsample by this factor (and back): sd-webui's down sampling rate."
     )
 
     @property
     def uses_model(self) -> bool:
         return self.detector in MODEL_DETECTORS
 
+    @property
+    def a1111_module(self) -> str:
+        """The preprocessor's name as sd-webui-controlnet records it."""
+        if self.detector == "lineart":
+            return "lineart_coarse" if self.coarse else "lineart_realistic"
+        if self.detector in ("softedge_hed", "softedge_pidinet") and self.safe:
+            return {"softedge_hed": "softedge_hedsafe", "softedge_pidinet": "softedge_pidisafe"}[self.detector]
+        if self.detector == "openpose":
+            parts = {"hand": self.include_hand, "face": self.include_face}
+            return {(True, True): "openpose_full", (True, False): "openpose_hand", (False, True): "openpose_face"}.get(
+                tuple(parts.values()), "openpose"
+            )
+        return {"tile": "tile_resample"}.get(self.detector, self.detector)
+
+    def provenance(self) -> dict[str, Any]:
+        """What made the map, as sd-webui-controlnet records it: the module and its settings."""
+        return {"Module": self.a1111_module, **self.a1111_settings()}
+
+    def a1111_settings(self) -> dict[str, Any]:
+        """The settings sd-webui-controlnet records beside the module (its Processor Res and
+        Threshold A/B)."""
+        if self.detector == "canny":
+            return {"Threshold A": self.low_threshold, "Threshold B": self.high_threshold}
+        settings: dict[str, Any] = {}
+        if self.detector in ANNOTATOR_DETECTORS or self.detector == "shuffle":
+            settings["Processor Res"] = self.detect_resolution
+        if self.detector == "mlsd":
+            settings |= {"Threshold A": self.mlsd_value_threshold, "Threshold B": self.mlsd_distance_threshold}
+        if self.detector == "tile":
+            settings["Threshold A"] = self.tile_downsample
+        return settings
+
     @model_validator(mode="after")
     def _model_for_model_detectors(self) -> ControlPreprocessConfig:
         if self.uses_model and self.model is None:
-            raise ValueError(f"detector {self.detector!r} needs 'model' (a hub id or folder)")
+            example = " or lllyasviel/Annotators" if self.detector in ANNOTATOR_DETECTORS else ""
+            raise ValueError(f"detector {self.detector!r} needs 'model' (a hub id{example} or folder)")
         if not self.uses_model and self.model is not None:
             raise ValueError(f"detector {self.detector!r} takes no 'model'")
+        if self.detector in ANNOTATOR_DETECTORS:
+            from pixfleet.models.annotators import missing_files
+
+            if problem := missing_files(self.detector, self.model):
+                raise ValueError(problem)
         return self
 
 
@@ -108,6 +194,18 @@ class PreprocessConfig(StrictModel):
     max_image_pixels: int = Field(
         4096 * 4096, ge=1, description="Images larger than this are refused (decompression bombs)."
     )
+
+    def control_for(self, index: int) -> ControlPreprocessConfig:
+        """The entry of ControlNet `index` (the single entry serves them all)."""
+        return self.control[index if len(self.control) > 1 else 0]
+
+    def control_provenance(self, num_controlnets: int) -> list[dict[str, Any]]:
+        """Each ControlNet's map maker (`provenance`, and the detector's model), for the manifest."""
+        records = []
+        for i in range(num_controlnets):
+            control = self.control_for(i)
+            records.append(control.provenance() | ({"Preprocessor model": control.model} if control.model else {}))
+        return records
 
     @field_validator("width", "height")
     @classmethod
@@ -328,6 +426,21 @@ def check_evaluation(evaluate: EvaluateConfig, model: ModelSpec, preprocess: Pre
                     f"evaluate.control: the map of ControlNet {i} is given ready-made (preprocess detector 'none'); "
                     "name the detector that made it, e.g. evaluate.control: [{detector: canny, low_threshold: 100, "
                     "high_threshold: 200}]"
+                )
+            if control.detector not in METRIC_OF_DETECTOR:
+                raise ValueError(
+                    f"evaluate.controllability: ControlNet {i}'s detector {control.detector!r} has no controllability "
+                    f"metric ({', '.join(METRIC_OF_DETECTOR)} have one); set controllability: false"
+                )
+            side = min(preprocess.width, preprocess.height)
+            if (
+                METRIC_OF_DETECTOR[control.detector] == "ms_ssim"
+                and preprocess.resize_mode != "none"
+                and side < MS_SSIM_MIN_SIDE
+            ):
+                raise ValueError(
+                    f"evaluate.controllability: {control.detector} maps are scored by MS-SSIM, which needs images of "
+                    f"at least {MS_SSIM_MIN_SIDE} px a side; preprocess makes {preprocess.width}x{preprocess.height}"
                 )
     elif evaluate.clip_model is None:
         raise ValueError("evaluate: nothing to measure (controllability is off and no clip_model is given)")

@@ -7,11 +7,15 @@
   transformers semantic-segmentation model's labels at the image's size (the processor's
   post-processing), each painted its ADE20K palette colour, the palette those ControlNets were
   trained on.
-- `EdgeDetector` wraps the model-free detectors (canny), so a stage runs every kind alike.
+- `AnnotatorDetector` runs ControlNet 1.1's annotators (line art, soft edge, scribble, M-LSD,
+  OpenPose, normals) as `controlnet_aux` calls them, with the settings sd-webui-controlnet
+  records, so each map equals controlnet_aux's own.
+- `EdgeDetector` wraps the model-free detectors (canny, shuffle, tile), so a stage runs every
+  kind alike.
 
-Model detectors run batched, on the GPU when there is one. (`controlnet_aux`, home of the
-line-art, soft-edge, M-LSD and pose annotators, needs torchvision, which does not install
-beside the project's torch.)
+Model detectors are loaded once per actor, on the GPU when there is one. The transformers ones
+run batched; the annotators image by image inside a batch, as controlnet_aux's calls are made
+(a batched forward would change their maps at the rounding level).
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ import torch
 from PIL import Image
 
 from pixfleet.config import ControlPreprocessConfig
-from pixfleet.engine.preprocess import detect
+from pixfleet.config.generation import ANNOTATOR_DETECTORS
+from pixfleet.engine.preprocess import at_size, detect
 
 Detector = Callable[[list[np.ndarray]], list[np.ndarray]]
 
@@ -110,8 +115,46 @@ def _depth_map(depth: np.ndarray) -> np.ndarray:
     return np.repeat(gray[:, :, None], 3, axis=2)
 
 
+class AnnotatorDetector:
+    """A controlnet_aux annotator, its weights from `control.model`, called with `control`'s
+    settings; each map at its image's size."""
+
+    def __init__(self, control: ControlPreprocessConfig, device: torch.device):
+        from pixfleet.models.annotators import load_annotator
+
+        self.annotator = load_annotator(control.detector, control.model).to(device)
+        self.options = annotator_options(control)
+
+    def __call__(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        return [self.detect(image) for image in images]
+
+    def detect(self, image: np.ndarray) -> np.ndarray:
+        found = self.annotator(image, image_resolution=min(image.shape[:2]), output_type="np", **self.options)
+        return at_size(found, image.shape[:2])
+
+
+def annotator_options(control: ControlPreprocessConfig) -> dict[str, Any]:
+    """The keyword arguments of controlnet_aux's call for `control`'s detector and settings."""
+    options: dict[str, Any] = {"detect_resolution": control.detect_resolution}
+    if control.detector == "lineart":
+        options["coarse"] = control.coarse
+    if control.detector in ("softedge_hed", "softedge_pidinet"):
+        options["safe"] = control.safe
+    if control.detector == "scribble_hed":
+        options["scribble"] = True
+    if control.detector == "mlsd":
+        options |= {"thr_v": control.mlsd_value_threshold, "thr_d": control.mlsd_distance_threshold}
+    if control.detector == "openpose":
+        options |= {
+            "include_body": control.include_body,
+            "include_hand": control.include_hand,
+            "include_face": control.include_face,
+        }
+    return options
+
+
 class EdgeDetector:
-    """A model-free detector (canny) over a batch, image by image."""
+    """A model-free detector (canny, shuffle, tile) over a batch, image by image."""
 
     def __init__(self, control: ControlPreprocessConfig):
         self.control = control
@@ -125,6 +168,8 @@ MODEL_DETECTOR_CLASSES = {"depth": DepthDetector, "segmentation": SegmentationDe
 
 def load_detector(control: ControlPreprocessConfig, device: torch.device) -> Detector:
     """The detector `control` asks for, its model (if any) loaded on `device`."""
+    if control.detector in ANNOTATOR_DETECTORS:
+        return AnnotatorDetector(control, device)
     if control.uses_model:
         return MODEL_DETECTOR_CLASSES[control.detector](control.model, device)
     return EdgeDetector(control)

@@ -89,10 +89,44 @@ def control_for(controls: list[ControlPreprocessConfig], column: str) -> Control
 
 
 def detect(image: np.ndarray, control: ControlPreprocessConfig) -> np.ndarray:
-    """An RGB image turned into a control map ('none' passes it through)."""
-    if control.detector == "none":
-        return image
+    """An RGB image turned into a control map by a detector without a model ('none' passes it
+    through); the map has the image's size."""
     import cv2
 
+    if control.detector == "none":
+        return image
+    if control.detector == "shuffle":
+        return content_shuffle(image, control.detect_resolution)
+    if control.detector == "tile":  # sd-webui's tile_resample, back at the image's size
+        height, width = image.shape[:2]
+        small = (max(1, round(width / control.tile_downsample)), max(1, round(height / control.tile_downsample)))
+        return cv2.resize(cv2.resize(image, small, interpolation=cv2.INTER_AREA), (width, height), cv2.INTER_CUBIC)
     edges = cv2.Canny(image, control.low_threshold, control.high_threshold)
     return np.repeat(edges[:, :, None], 3, axis=2)
+
+
+def content_shuffle(image: np.ndarray, detect_resolution: int) -> np.ndarray:
+    """controlnet_aux's content shuffle (ControlNet 1.1 shuffle's input), seeded by the image:
+    a rerun makes the same map."""
+    import zlib
+
+    from controlnet_aux.shuffle import ContentShuffleDetector
+
+    state = np.random.get_state()  # controlnet_aux draws from numpy's global generator
+    np.random.seed(zlib.crc32(image.tobytes()))
+    try:
+        shuffled = ContentShuffleDetector()(
+            image, detect_resolution=detect_resolution, image_resolution=min(image.shape[:2]), output_type="np"
+        )
+    finally:
+        np.random.set_state(state)
+    return at_size(shuffled, image.shape[:2])
+
+
+def at_size(control_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """An annotator's map (its sides rounded to 64 pixels) at the image's (height, width)."""
+    import cv2
+
+    if control_map.shape[:2] == tuple(size):
+        return control_map
+    return cv2.resize(control_map, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)

@@ -8,9 +8,8 @@ from PIL import Image
 
 from pixfleet.config import ControlPreprocessConfig
 from pixfleet.engine.detectors import load_detector
-from pixfleet.evaluation.metrics import depth_rmse, edge_f1, palette_labels, segmentation_miou
-
-METRIC_OF_DETECTOR = {"canny": "edge_f1", "depth": "depth_rmse", "segmentation": "segmentation_miou"}
+from pixfleet.evaluation.metrics import depth_rmse, edge_f1, ms_ssim, palette_labels, segmentation_miou
+from pixfleet.evaluation.summary import METRIC_OF_DETECTOR
 
 
 class ControllabilityScorer:
@@ -32,4 +31,6 @@ class ControllabilityScorer:
             return edge_f1(detected, control_map)
         if self.metric == "depth_rmse":
             return depth_rmse(detected, control_map)
+        if self.metric == "ms_ssim":
+            return ms_ssim(detected, control_map)
         return segmentation_miou(palette_labels(detected), palette_labels(control_map))

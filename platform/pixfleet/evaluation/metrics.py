@@ -6,7 +6,9 @@ control map the ControlNet got:
 - edges (canny): F1 of the per-pixel binary edge maps, torchmetrics' `BinaryF1Score`;
 - depth: RMSE on the 0-255 scale, both maps min-max normalised first (as the map the ControlNet got);
 - segmentation: mIoU over the ADE20K classes present in either map, labels read back from the
-  palette colours.
+  palette colours;
+- soft edges and line art: MS-SSIM of the grey maps, torchmetrics' definition (five scales of an
+  11-pixel Gaussian window: sides of at least 176 pixels).
 Prompt alignment is torchmetrics' CLIP score, 100 * max(cos, 0) of the image and prompt
 embeddings; the InstructPix2Pix paper's CLIP metrics compare an edit with its input.
 Images are HWC uint8 arrays, maps as the detectors return them (three equal channels for edges
@@ -21,11 +23,28 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pixfleet.engine.detectors import ade20k_palette
+from pixfleet.evaluation.summary import MS_SSIM_MIN_SIDE
 
 if TYPE_CHECKING:
     import torch
 
 EDGE_LEVEL = 127  # a map's pixel is an edge above this grey level (canny writes 0 or 255)
+
+
+def ms_ssim(predicted: np.ndarray, target: np.ndarray) -> float:
+    """MS-SSIM of two grey maps (soft edges, line art) on the 0-255 range."""
+    import torch
+    from torchmetrics.functional.image import multiscale_structural_similarity_index_measure
+
+    if min(target.shape[:2]) < MS_SSIM_MIN_SIDE:
+        height, width = target.shape[:2]
+        raise ValueError(f"MS-SSIM needs maps of at least {MS_SSIM_MIN_SIDE} px a side, got {width}x{height}")
+    maps = [torch.from_numpy(_grey(image)).float()[None, None] for image in (predicted, target)]
+    return float(multiscale_structural_similarity_index_measure(*maps, data_range=255.0))
+
+
+def _grey(image: np.ndarray) -> np.ndarray:
+    return image.astype(np.float32).mean(axis=2) if image.ndim == 3 else image.astype(np.float32)
 
 
 def edge_f1(predicted: np.ndarray, target: np.ndarray) -> float:

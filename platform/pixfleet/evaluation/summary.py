@@ -11,12 +11,21 @@ import pyarrow as pa
 from pixfleet.engine import columns as C
 
 PERCENTILES = (5, 50, 95)
-# Each metric (the controllability ones: `controllability.METRIC_OF_DETECTOR`), and whether a
+# The controllability metric of each detector's maps, as ControlNet++ measures them.
+METRIC_OF_DETECTOR = {
+    "canny": "edge_f1",
+    "depth": "depth_rmse",
+    "segmentation": "segmentation_miou",
+    **dict.fromkeys(("lineart", "lineart_anime", "softedge_hed", "softedge_pidinet"), "ms_ssim"),
+}
+MS_SSIM_MIN_SIDE = 176  # torchmetrics' MS-SSIM: each side // 16 must exceed its window's 10 pixels
+# Each metric, and whether a
 # higher value is better: the image follows its map, or its prompt, more closely.
 HIGHER_IS_BETTER = {
     "edge_f1": True,
     "depth_rmse": False,
     "segmentation_miou": True,
+    "ms_ssim": True,
     "clip_score": True,
     "clip_image_similarity": True,
     "clip_directional_similarity": True,

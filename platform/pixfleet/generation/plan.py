@@ -89,7 +89,7 @@ def plan_stages(
         return [
             *stages,
             DryRunStage.plan(job.model, columns, job.resources),
-            WriteStage.plan(sink, model, job.model.num_controlnets),
+            WriteStage.plan(sink, model, job.preprocess, job.model.num_controlnets),
         ]
     evaluate = [EvaluateStage.plan(job, columns)] if job.evaluate else []
     carried = {*columns, *caption_columns(job)}  # what the generate stage passes on to it
@@ -100,7 +100,7 @@ def plan_stages(
         GenerateStage.plan(job.model, columns, size, job.resources, passed),
         *evaluate,
         EncodeStage.plan(sink, model, job.preprocess),
-        WriteStage.plan(sink, model, job.model.num_controlnets),
+        WriteStage.plan(sink, model, job.preprocess, job.model.num_controlnets),
     ]
 
 

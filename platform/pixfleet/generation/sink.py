@@ -69,6 +69,7 @@ MANIFEST_SCHEMA = pa.schema(
         (C.PROMPT_TRUNCATED, pa.bool_()),
         ("model", pa.string()),  # JSON: names as configured, content hashes, settings
         ("model_hash", pa.string()),  # A1111's short `Model hash` of the base model
+        ("control_preprocessing", pa.string()),  # JSON: per ControlNet, the module and settings of its map
         (C.GENERATE_SECONDS, pa.float64()),
         ("write_s", pa.float64()),
         # with an `evaluate` section; null without one (and for rows the scorers could not process)

@@ -68,16 +68,15 @@ def a1111_parameters(
     if truncated_tokens:
         pairs |= {"Prompt tokens": truncated_tokens, "Prompt truncated": True}
     for i, (controlnet, digest) in enumerate(zip(model.controlnets, model.controlnet_hashes, strict=True)):
-        control = preprocess.control[i if len(preprocess.control) > 1 else 0]
+        control = preprocess.control_for(i)
         unit = {
-            "Module": control.detector,
+            "Module": control.a1111_module,
             "Model": f"{model_name(controlnet)} [{digest[:8]}]",
             "Weight": params["controlnet_conditioning_scale"][i],
             "Resize Mode": _RESIZE_MODES[preprocess.resize_mode],
             "Resample": preprocess.resample,
         }
-        if control.detector == "canny":
-            unit |= {"Threshold A": control.low_threshold, "Threshold B": control.high_threshold}
+        unit |= control.a1111_settings()
         if control.uses_model:
             unit["Preprocessor model"] = model_name(control.model)
         unit |= {

@@ -17,7 +17,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pixfleet.config import SinkConfig
+from pixfleet.config import PreprocessConfig, SinkConfig
 from pixfleet.engine import columns as C
 from pixfleet.generation.sink import (
     DRIVER_COLUMNS,
@@ -55,9 +55,10 @@ class WriteStage:
         C.HEIGHT,
     )
 
-    def __init__(self, config: SinkConfig, model: ModelIdentity, num_controlnets: int):
+    def __init__(self, config: SinkConfig, model: ModelIdentity, preprocess: PreprocessConfig, num_controlnets: int):
         self.config = config
         self.control_maps = num_controlnets if config.save_control_maps else 0
+        self.control_preprocessing = json.dumps(preprocess.control_provenance(num_controlnets))
         self.root = Location.of(config.output_dir)
         self.extension = "jpg" if config.image_format == "jpeg" else config.image_format
         self.model = json.dumps(model.as_dict(), sort_keys=True)
@@ -94,6 +95,7 @@ class WriteStage:
                     C.CONTROL_MAPS: control_maps,
                     "model": self.model,
                     "model_hash": self.model_hash,
+                    "control_preprocessing": self.control_preprocessing,
                     C.GENERATE_SECONDS: row[C.GENERATE_SECONDS],
                     "write_s": time.perf_counter() - start,
                     **{name: row.get(name) for name in C.SCORE_COLUMNS},  # with an `evaluate` section

@@ -1,0 +1,230 @@
+"""ControlNet 1.1's annotators through `controlnet_aux`, by the names users know.
+
+Each annotator reads its weights from a folder laid out as the `lllyasviel/Annotators`
+repository (the file names controlnet_aux's classes look for) or from that hub id where a hub is
+reachable. This module knows each file: the torch module controlnet_aux loads it into and how
+the file stores that module's state dict, so that
+
+- a folder missing a file is refused before any work, naming the detector, the folder and the
+  files expected (`missing_files`, called by the config check);
+- a file that does not hold what its module takes is refused naming the file and the missing
+  keys (`load_annotator`), instead of torch's error about a module it never names;
+- `make_random_annotator` writes checkpoints of the real layout with random weights, the
+  stand-ins tests and benchmarks load through the same `from_pretrained` a real folder takes.
+
+controlnet_aux and torch are imported where used: the config check stays light.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ANNOTATORS_REPO = "lllyasviel/Annotators"
+
+
+def _identity(key: str) -> str:
+    return key
+
+
+def _module_prefix(key: str) -> str:  # saved from nn.DataParallel
+    return f"module.{key}"
+
+
+def _drop_first_part(key: str) -> str:  # openpose's files: keys without the model's first attribute
+    return key.split(".", 1)[1]
+
+
+@dataclass(frozen=True)
+class WeightFile:
+    """One checkpoint file: its name, the module it loads into, how the file spells the keys
+    (`file_key` of each module key) and whether the state dict sits under a key of its own."""
+
+    name: str
+    module: Callable[[], Any]
+    file_key: Callable[[str], str] = _identity
+    wrapper: str | None = None
+
+    def pack(self, state_dict: dict) -> dict:
+        """What the real file holds for this state dict."""
+        packed = {self.file_key(key): value for key, value in state_dict.items()}
+        return {self.wrapper: packed} if self.wrapper else packed
+
+    def problems(self, path: Path) -> str | None:
+        """Why the file at `path` is not this checkpoint (None when it is)."""
+        import torch
+
+        try:
+            content = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            return f"{path}: not a torch checkpoint ({type(error).__name__}: {str(error).splitlines()[0]})"
+        stored = content.get(self.wrapper) if self.wrapper and isinstance(content, dict) else content
+        if not isinstance(stored, dict):
+            where = f" under {self.wrapper!r}" if self.wrapper else ""
+            return f"{path}: holds no state dict{where}"
+        expected = {self.file_key(key): tensor.shape for key, tensor in self.module().state_dict().items()}
+        missing = [key for key in expected if key not in stored]
+        wrong = [key for key in expected if key in stored and tuple(stored[key].shape) != tuple(expected[key])]
+        if not missing and not wrong:
+            return None
+        found = [f"missing keys {_few(missing)}"] if missing else []
+        found += [f"keys of another shape {_few(wrong)}"] if wrong else []
+        return f"{path}: not the checkpoint {ANNOTATORS_REPO} has under this name: {'; '.join(found)}"
+
+
+def _few(keys: list[str], shown: int = 5) -> str:
+    more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
+    return ", ".join(keys[:shown]) + more
+
+
+@dataclass(frozen=True)
+class Annotator:
+    """A controlnet_aux detector class (`module:Class`) and the files its from_pretrained reads."""
+
+    detector_class: str
+    files: tuple[WeightFile, ...]
+
+    def load(self, model: str) -> Any:
+        import importlib
+
+        module, name = self.detector_class.split(":")
+        return getattr(importlib.import_module(module), name).from_pretrained(model)
+
+
+def _lineart() -> Any:
+    from controlnet_aux.lineart import Generator
+
+    return Generator(3, 1, 3)
+
+
+def _lineart_anime() -> Any:
+    import functools
+
+    import torch
+    from controlnet_aux.lineart_anime import UnetGenerator
+
+    norm = functools.partial(torch.nn.InstanceNorm2d, affine=False, track_running_stats=False)
+    return UnetGenerator(3, 1, 8, 64, norm_layer=norm, use_dropout=False)
+
+
+def _hed() -> Any:
+    from controlnet_aux.hed import ControlNetHED_Apache2
+
+    return ControlNetHED_Apache2()
+
+
+def _pidinet() -> Any:
+    from controlnet_aux.pidi.model import pidinet
+
+    return pidinet()
+
+
+def _mlsd() -> Any:
+    from controlnet_aux.mlsd.models.mbv2_mlsd_large import MobileV2_MLSD_Large
+
+    return MobileV2_MLSD_Large()
+
+
+def _body() -> Any:
+    from controlnet_aux.open_pose.model import bodypose_model
+
+    return bodypose_model()
+
+
+def _hand() -> Any:
+    from controlnet_aux.open_pose.model import handpose_model
+
+    return handpose_model()
+
+
+def _face() -> Any:
+    from controlnet_aux.open_pose.face import FaceNet
+
+    return FaceNet()
+
+
+def _normal_bae() -> Any:
+    import types
+
+    from controlnet_aux.normalbae.nets.NNET import NNET
+
+    # The settings NormalBaeDetector.from_pretrained builds its network with.
+    args = types.SimpleNamespace(
+        mode="client", architecture="BN", pretrained="scannet", sampling_ratio=0.4, importance_ratio=0.7
+    )
+    return NNET(args)
+
+
+_HED = Annotator("controlnet_aux.hed:HEDdetector", (WeightFile("ControlNetHED.pth", _hed),))
+ANNOTATORS: dict[str, Annotator] = {
+    "lineart": Annotator(
+        "controlnet_aux.lineart:LineartDetector",
+        (WeightFile("sk_model.pth", _lineart), WeightFile("sk_model2.pth", _lineart)),
+    ),
+    "lineart_anime": Annotator(
+        "controlnet_aux.lineart_anime:LineartAnimeDetector", (WeightFile("netG.pth", _lineart_anime, _module_prefix),)
+    ),
+    "softedge_hed": _HED,
+    "scribble_hed": _HED,
+    "softedge_pidinet": Annotator(
+        "controlnet_aux.pidi:PidiNetDetector",
+        (WeightFile("table5_pidinet.pth", _pidinet, _module_prefix, wrapper="state_dict"),),
+    ),
+    "mlsd": Annotator("controlnet_aux.mlsd:MLSDdetector", (WeightFile("mlsd_large_512_fp32.pth", _mlsd),)),
+    "openpose": Annotator(
+        "controlnet_aux.open_pose:OpenposeDetector",
+        (
+            WeightFile("body_pose_model.pth", _body, _drop_first_part),
+            WeightFile("hand_pose_model.pth", _hand, _drop_first_part),
+            WeightFile("facenet.pth", _face),
+        ),
+    ),
+    "normal_bae": Annotator(
+        "controlnet_aux.normalbae:NormalBaeDetector", (WeightFile("scannet.pt", _normal_bae, wrapper="model"),)
+    ),
+}
+
+
+def missing_files(detector: str, model: str) -> str | None:
+    """Why the local folder `model` cannot serve `detector` (None if it can, or if `model` is a
+    hub id, whose files are fetched when the annotator loads)."""
+    folder = os.path.expanduser(model)
+    if not os.path.isdir(folder):
+        return None
+    expected = [file.name for file in ANNOTATORS[detector].files]
+    missing = [name for name in expected if not os.path.isfile(os.path.join(folder, name))]
+    if not missing:
+        return None
+    return (
+        f"detector {detector!r}: {folder} lacks {', '.join(missing)} (it reads {', '.join(expected)}, "
+        f"laid out as the {ANNOTATORS_REPO} repository)"
+    )
+
+
+def load_annotator(detector: str, model: str) -> Any:
+    """controlnet_aux's detector for `detector`, its weights from the folder or hub id `model`."""
+    annotator = ANNOTATORS[detector]
+    try:
+        return annotator.load(model)
+    except Exception as error:
+        folder = Path(os.path.expanduser(model))
+        if folder.is_dir():
+            problems = [p for file in annotator.files if (p := file.problems(folder / file.name))]
+            if problems:
+                raise ValueError(f"detector {detector!r}: " + "; ".join(problems)) from error
+        raise
+
+
+def make_random_annotator(detector: str, out_dir: str | Path, seed: int = 0) -> Path:
+    """`detector`'s checkpoint files with random weights, as the real ones are laid out."""
+    import torch
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for file in ANNOTATORS[detector].files:
+        torch.manual_seed(seed)
+        torch.save(file.pack(file.module().state_dict()), out / file.name)
+    return out
