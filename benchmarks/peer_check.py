@@ -11,10 +11,6 @@ rows (`TrainPreprocess`) and computes its loss (`Components.loss`) with a genera
 RNG state. It prints the largest difference of each input and the two losses, and fails past
 the tolerance.
 
-torchvision does not import beside this project's torch, so the script's four transforms
-(Resize, CenterCrop, ToTensor, Normalize) come from a PIL stand-in put on its path; the rows
-are already at the resolution, where Resize and CenterCrop leave images as they are.
-
     python benchmarks/peer_check.py --script PATH/TO/diffusers/examples/controlnet/train_controlnet_sdxl.py
     python benchmarks/peer_check.py --script PATH/TO/diffusers/examples/controlnet/train_controlnet.py
 """
@@ -39,68 +35,13 @@ from pixfleet.models.tiny import make_tiny_pipeline
 from pixfleet.training.components import load_components
 from pixfleet.training.data import TrainPreprocess
 
-TRANSFORMS_STAND_IN = '''
-"""PIL stand-ins for the torchvision transforms the peer script uses."""
-import enum
-import numpy as np
-import torch
-from PIL import Image
-
-class InterpolationMode(enum.Enum):
-    NEAREST = Image.Resampling.NEAREST
-    BILINEAR = Image.Resampling.BILINEAR
-    BICUBIC = Image.Resampling.BICUBIC
-    LANCZOS = Image.Resampling.LANCZOS
-
-class Compose:
-    def __init__(self, transforms):
-        self.transforms = transforms
-    def __call__(self, x):
-        for t in self.transforms:
-            x = t(x)
-        return x
-
-class Resize:  # shorter side to `size`, as torchvision
-    def __init__(self, size, interpolation=InterpolationMode.BILINEAR):
-        self.size, self.interpolation = size, interpolation
-    def __call__(self, image):
-        w, h = image.size
-        short, long = min(w, h), max(w, h)
-        new_long = int(self.size * long / short)
-        size = (self.size, new_long) if w <= h else (new_long, self.size)
-        return image if size == image.size else image.resize(size, self.interpolation.value)
-
-class CenterCrop:
-    def __init__(self, size):
-        self.size = size
-    def __call__(self, image):
-        w, h = image.size
-        top, left = int(round((h - self.size) / 2.0)), int(round((w - self.size) / 2.0))
-        return image.crop((left, top, left + self.size, top + self.size))
-
-class ToTensor:
-    def __call__(self, image):
-        return torch.from_numpy(np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0)
-
-class Normalize:
-    def __init__(self, mean, std):
-        self.mean, self.std = mean[0], std[0]
-    def __call__(self, tensor):
-        return (tensor - self.mean) / self.std
-'''
-
 # Runs the script as `python train_controlnet_sdxl.py ...` would, recording what its first step
 # sees through wrappers that call the originals.
 RECORDER = textwrap.dedent(
     """
     import runpy, sys, torch, accelerate, diffusers, transformers
-    script, out, shim, argv = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+    script, out, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
     record = {}
-    # What the script imports, imported before the stand-in is on the path: transformers would
-    # otherwise take it for the real torchvision and import parts of it that it lacks.
-    from diffusers import StableDiffusionXLControlNetPipeline, UNet2DConditionModel  # noqa: F401
-    from transformers import CLIPImageProcessor, CLIPTextModelWithProjection  # noqa: F401
-    import transformers.image_transforms  # noqa: F401
 
     def wrap(cls, name, before):
         original = getattr(cls, name)
@@ -127,7 +68,6 @@ RECORDER = textwrap.dedent(
     wrap(diffusers.AutoencoderKL, "encode", on_encode)
     wrap(diffusers.ControlNetModel, "forward", on_controlnet)
     wrap(accelerate.Accelerator, "log", on_log)
-    sys.path.insert(0, shim)
     sys.argv = [script, *argv]
     runpy.run_path(script, run_name="__main__")
     torch.save(record, out)
@@ -148,14 +88,10 @@ def parse_args() -> argparse.Namespace:
 
 
 def script_command(script: Path, work: Path, record_path: Path) -> list[str]:
-    """The command that runs `script` (its arguments to follow) with the stand-in on its path,
-    recording its first step into `record_path`."""
-    shim = work / "shim" / "torchvision"
-    shim.mkdir(parents=True)
-    (shim / "__init__.py").write_text("from . import transforms\n")
-    (shim / "transforms.py").write_text(TRANSFORMS_STAND_IN)
+    """The command that runs `script` (its arguments to follow), recording its first step into
+    `record_path`."""
     (work / "recorder.py").write_text(RECORDER)
-    return [sys.executable, str(work / "recorder.py"), str(script), str(record_path), str(work / "shim")]
+    return [sys.executable, str(work / "recorder.py"), str(script), str(record_path)]
 
 
 def run_script(args, work: Path, base: Path, data: Path) -> dict:

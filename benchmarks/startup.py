@@ -9,7 +9,7 @@ single-process program doing the same, each a fresh process, in one run.
             included (goal: within 2x)
   train     `pixfleet train` of the tiny config to its first step line, against diffusers'
             train_controlnet.py to its first step (with --script: the script unchanged, run as
-            benchmarks/peer_check.py runs it, torchvision's transforms from its PIL stand-in)
+            benchmarks/peer_check.py runs it, with the real torchvision)
             and against a plain loop that does what the script does before its first step:
             tokenizer, text encoder, VAE, UNet, a ControlNet from the UNet, AdamW, the rows read
             and transformed, one step (goal: within 2x of the script)

@@ -17,7 +17,10 @@ EXAMPLES = os.environ.get("PIXFLEET_DIFFUSERS_EXAMPLES")
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.skipif(not EXAMPLES, reason="set PIXFLEET_DIFFUSERS_EXAMPLES to diffusers' examples/controlnet")
+@pytest.mark.skipif(
+    not EXAMPLES,
+    reason="set PIXFLEET_DIFFUSERS_EXAMPLES to diffusers' examples/controlnet (in no installable package: CI has none)",
+)
 @pytest.mark.parametrize("script", ["train_controlnet.py", "train_controlnet_sdxl.py"])
 def test_the_step_one_loss_equals_the_diffusers_scripts(script):
     check = Path(__file__).parents[2] / "benchmarks" / "peer_check.py"
