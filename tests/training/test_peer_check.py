@@ -19,7 +19,7 @@ EXAMPLES = os.environ.get("PIXFLEET_DIFFUSERS_EXAMPLES")
 @pytest.mark.timeout(300)
 @pytest.mark.skipif(
     not EXAMPLES,
-    reason="set PIXFLEET_DIFFUSERS_EXAMPLES to diffusers' examples/controlnet (in no installable package: CI has none)",
+    reason="set PIXFLEET_DIFFUSERS_EXAMPLES to diffusers' examples/controlnet (no installable package has them)",
 )
 @pytest.mark.parametrize("script", ["train_controlnet.py", "train_controlnet_sdxl.py"])
 def test_the_step_one_loss_equals_the_diffusers_scripts(script):
