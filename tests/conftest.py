@@ -131,6 +131,10 @@ def ray_session():
     the controller lives, and without one polls, and warns, every second for the session."""
     import ray
 
+    # Serve's handles and replicas report their load every 10 s by default, the autoscaler's
+    # input: every half second, autoscaling tests see replicas follow load in seconds.
+    for reporter in ("HANDLE", "REPLICA"):
+        os.environ.setdefault(f"RAY_SERVE_{reporter}_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "0.5")
     ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1")
     yield
     ray.shutdown()

@@ -87,3 +87,48 @@ def test_missing_api_key_variable_is_a_clear_error(tmp_path, tiny_dir, monkeypat
     )
     assert result.returncode == 2
     assert "api_key_env: environment variable PIXFLEET_NO_SUCH_KEY is not set" in result.stderr
+
+
+def test_autoscaling_takes_every_serve_setting_with_serves_names_and_defaults():
+    from ray.serve.config import AutoscalingConfig as ServeAutoscaling
+
+    from pixfleet.config.serving import AutoscalingConfig
+
+    ours, serves = AutoscalingConfig().model_dump(), ServeAutoscaling()
+    deprecated = {"metrics_interval_s", "smoothing_factor", "upscale_smoothing_factor", "downscale_smoothing_factor"}
+    assert set(ours) == set(ServeAutoscaling.model_fields) - deprecated - {"policy"}
+    for name, value in ours.items():
+        default = getattr(serves, name)
+        assert getattr(default, "value", default) == value, name
+    tuned = AutoscalingConfig(
+        min_replicas=0, max_replicas=3, initial_replicas=1, upscale_delay_s=1, downscaling_factor=0.5
+    )
+    assert ServeAutoscaling(**tuned.model_dump()).downscaling_factor == 0.5  # Serve takes what we pass
+
+
+@pytest.mark.parametrize(
+    ("autoscaling", "message"),
+    [
+        ({"min_replicas": 3, "max_replicas": 2}, "max_replicas must be >= min_replicas"),
+        ({"target_ongoing_requests": 0}, "autoscaling.target_ongoing_requests': Input should be greater than 0"),
+        (
+            {"max_replicas": 2, "initial_replicas": 3},
+            "initial_replicas must lie between min_replicas and max_replicas",
+        ),
+        ({"upscale_delay_s": -1}, "autoscaling.upscale_delay_s': Input should be greater than or equal to 0"),
+    ],
+)
+def test_autoscaling_serve_would_refuse_fails_the_config_check_naming_the_field(
+    tmp_path, tiny_dir, autoscaling, message
+):
+    from typer.testing import CliRunner
+
+    from pixfleet.cli import app
+
+    config = serving_config(tiny_dir, f"sqlite:///{tmp_path}/mlflow.db", 8000, "a").model_dump(mode="json")
+    config["models"][0]["autoscaling"] = autoscaling
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = CliRunner().invoke(app, ["config", "validate", str(path)])
+    assert result.exit_code == 2, result.output
+    assert "models.0.autoscaling" in result.output and message in " ".join(result.output.split())

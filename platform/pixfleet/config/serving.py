@@ -28,18 +28,40 @@ class BatchingConfig(StrictModel):
 
 
 class AutoscalingConfig(StrictModel):
-    """Serve autoscaling of a model's replicas."""
+    """Serve autoscaling of a model's replicas: Serve's own settings, names and defaults."""
 
     min_replicas: int = Field(1, ge=0, description="Fewest replicas (0 scales to zero when idle).")
     max_replicas: int = Field(1, ge=1, description="Most replicas.")
+    initial_replicas: int | None = Field(
+        None, ge=0, description="Replicas started at deployment; unset: min_replicas."
+    )
     target_ongoing_requests: float = Field(
-        2.0, gt=0, description="Ongoing requests per replica the autoscaler aims for."
+        2.0, gt=0, description="Ongoing requests (running and queued) per replica the autoscaler aims for."
+    )
+    upscale_delay_s: float = Field(30.0, ge=0, description="How long the load must call for more replicas first.")
+    downscale_delay_s: float = Field(
+        600.0, ge=0, description="How long the load must call for fewer replicas (above 0) first."
+    )
+    downscale_to_zero_delay_s: float | None = Field(
+        None, ge=0, description="How long an idle model keeps its last replica; unset: downscale_delay_s."
+    )
+    look_back_period_s: float = Field(30.0, gt=0, description="Window the ongoing requests are averaged over.")
+    aggregation_function: Literal["mean", "max", "min"] = Field(
+        "mean", description="How the window's samples are summed up."
+    )
+    upscaling_factor: float | None = Field(
+        None, gt=0, description="Gain on each upscaling decision (below 1: smaller steps); unset: 1."
+    )
+    downscaling_factor: float | None = Field(
+        None, gt=0, description="Gain on each downscaling decision (below 1: smaller steps); unset: 1."
     )
 
     @model_validator(mode="after")
     def _replica_range(self) -> AutoscalingConfig:
         if self.max_replicas < self.min_replicas:
             raise ValueError("max_replicas must be >= min_replicas")
+        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ValueError("initial_replicas must lie between min_replicas and max_replicas")
         return self
 
 

@@ -37,7 +37,10 @@ def deployment_options(config: ServingConfig) -> dict[str, dict[str, Any]]:
     }
     for served in config.models:
         options[deployment_name(served)] = {
-            "autoscaling_config": served.autoscaling.model_dump(),
+            "autoscaling_config": served.autoscaling.model_dump(exclude_none=True),
+            # A replica scaled down answers what it holds first: a request runs at most its
+            # timeout, plus the grace after which its engine process is killed.
+            "graceful_shutdown_timeout_s": config.limits.request_timeout_s + config.limits.stop_grace_s,
             "max_ongoing_requests": served.max_ongoing_requests,
             "max_queued_requests": served.max_queued_requests,
             "ray_actor_options": {"num_cpus": served.num_cpus, "num_gpus": served.num_gpus},

@@ -31,6 +31,7 @@ from pixfleet.config.serving import LimitsConfig, ServedModelConfig, ServingConf
 from pixfleet.engine.params import pipeline_call_defaults
 from pixfleet.models.registry import RegistryError, resolve_version
 from pixfleet.models.tasks import task_info
+from pixfleet.serving import metrics
 from pixfleet.serving.errors import ApiError, from_validation_errors, install_error_handlers
 from pixfleet.serving.gate import RequestGate
 from pixfleet.serving.openai_images import generate_request, read_edit_form
@@ -185,14 +186,26 @@ class Ingress:
 
     async def _generate(self, request: GenerateRequest, images: dict[str, bytes], as_edit: bool = False) -> Response:
         served = self._served(request.model)
-        # Past what the deployment can hold, answer now: before decoding images or queueing.
-        if self.in_flight[served.name] >= _capacity(served):
-            raise ApiError(503, f"model {served.name!r} is at capacity; retry later")
-        self.in_flight[served.name] += 1
+        tags, start, status = {"model": served.name}, time.perf_counter(), 500
         try:
-            return await self._admitted(served, request, images, as_edit)
+            # Past what the deployment can hold, answer now: before decoding images or queueing.
+            if self.in_flight[served.name] >= _capacity(served):
+                raise ApiError(503, f"model {served.name!r} is at capacity; retry later")
+            self.in_flight[served.name] += 1
+            metrics.requests_in_flight().set(self.in_flight[served.name], tags=tags)
+            try:
+                response = await self._admitted(served, request, images, as_edit)
+            finally:
+                self.in_flight[served.name] -= 1
+                metrics.requests_in_flight().set(self.in_flight[served.name], tags=tags)
+            status = response.status_code
+            return response
+        except ApiError as error:
+            status = error.status
+            raise
         finally:
-            self.in_flight[served.name] -= 1
+            metrics.requests().inc(tags={**tags, "status": str(status)})
+            metrics.request_seconds().observe(time.perf_counter() - start, tags=tags)
 
     async def _admitted(
         self, served: ServedModelConfig, request: GenerateRequest, images: dict[str, bytes], as_edit: bool

@@ -25,6 +25,7 @@ from pixfleet.engine import columns as C
 from pixfleet.engine.batching import group_rows
 from pixfleet.engine.process import EngineCallFailed, EngineProcess, EngineStopped
 from pixfleet.models.registry import download_model, resolve_registry_models
+from pixfleet.serving import metrics
 
 logger = logging.getLogger("ray.serve")
 
@@ -40,6 +41,7 @@ class ModelReplica:
     """A Serve deployment class; `app.build_app` sets its options from the config."""
 
     def __init__(self, served: ServedModelConfig, tracking_uri: str, stop_grace_s: float):
+        start = time.perf_counter()
         self.served = served
         self.tracking_uri = tracking_uri
         self.stop_grace_s = stop_grace_s
@@ -47,6 +49,10 @@ class ModelReplica:
         spec = resolve_registry_models(served.model, tracking_uri)
         self.engine = EngineProcess(spec, lru_size, served.spare_engine, served.detectors)
         self.engine.start()
+        seconds = time.perf_counter() - start
+        # What a request arriving at a model scaled to zero waits for, beside Serve's own scheduling.
+        logger.warning("model %s: replica ready in %.1f s (engine process and model loaded)", served.name, seconds)
+        metrics.replica_start_seconds().observe(seconds, tags={"model": served.name})
         self.broken: str | None = None
         self.generate.set_max_batch_size(served.batching.max_batch_size)
         self.generate.set_batch_wait_timeout_s(served.batching.batch_wait_timeout_s)
@@ -80,6 +86,10 @@ class ModelReplica:
             "torch_threads": info.torch_threads,
             "engine_restarts": self.engine.restarts,
         }
+
+    def __del__(self) -> None:
+        """Serve removes the replica (scaled down, redeployed): its engine processes go with it."""
+        self.engine.close()
 
     def check_health(self) -> None:
         """Serve replaces the replica when this raises: after a CUDA error the context is lost,
@@ -117,6 +127,7 @@ class ModelReplica:
         try:
             images = await asyncio.to_thread(self.engine.generate, rows, deadline, self.stop_grace_s, controlnet)
         except EngineStopped as error:
+            metrics.engine_restarts().inc(tags={"model": self.served.name})
             return [{"error": "timeout", "message": f"request timed out; {error}"}] * len(rows)
         except EngineCallFailed as error:
             if "CUDA error" in str(error):

@@ -1,0 +1,107 @@
+"""Autoscaled serving on the session's Serve: a model at zero replicas answers its first request
+after a cold start, load raises its replicas to the maximum, idleness takes them back to zero,
+and no request fails on the way; replicas take their engine processes with them."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import psutil
+import pytest
+
+from tests.serving.conftest import serving_config
+from tests.serving.test_serving import controlnet_request
+
+pytestmark = pytest.mark.timeout(300)
+APP = "auto"
+DEPLOYMENT = "model-tiny-controlnet"
+AUTOSCALING = {
+    "min_replicas": 0,
+    "max_replicas": 2,
+    "target_ongoing_requests": 1,
+    "upscale_delay_s": 0,
+    "downscale_delay_s": 1,
+    "downscale_to_zero_delay_s": 3,
+    "look_back_period_s": 1,
+}
+
+
+def running_replicas() -> int:
+    from ray import serve
+
+    deployment = serve.status().applications[APP].deployments[DEPLOYMENT]
+    return deployment.replica_states.get("RUNNING", 0)
+
+
+def engine_processes() -> int:
+    return sum(
+        1 for p in psutil.process_iter(["cmdline"]) if "pixfleet.engine.process" in " ".join(p.info["cmdline"] or [])
+    )
+
+
+def wait_for(condition, timeout_s: float, what: str) -> float:
+    start = time.perf_counter()
+    while not condition():
+        if time.perf_counter() - start > timeout_s:
+            raise AssertionError(f"{what}: not within {timeout_s:.0f} s")
+        time.sleep(0.25)
+    return time.perf_counter() - start
+
+
+@pytest.fixture(scope="module")
+def autoscaled(server, tiny_dir):
+    """The tiny ControlNet alone, one request per replica at a time, scaled 0..2."""
+    from ray import serve
+
+    from pixfleet.serving.app import build_app
+
+    config = serving_config(tiny_dir, server.tracking_uri, 8000, APP)
+    model = config.models[0].model_dump(exclude={"multiplex", "max_pixel_steps", "detectors"})
+    model |= {
+        "autoscaling": AUTOSCALING,
+        "defaults": {"num_inference_steps": 12},  # about half a second a request here
+        "batching": {"max_batch_size": 1, "batch_wait_timeout_s": 0},
+        "max_ongoing_requests": 1,
+        "spare_engine": False,
+    }
+    config = config.model_copy(update={"models": [type(config.models[0]).model_validate(model)]})
+    before = engine_processes()
+    serve.run(build_app(config), name=APP, route_prefix=f"/{APP}")
+    yield f"{server.url}/{APP}", before
+    serve.delete(APP)
+
+
+def test_replicas_follow_the_load_up_and_down_to_zero_answering_every_request(autoscaled):
+    url, engines_before = autoscaled
+    assert running_replicas() == 0 and engine_processes() == engines_before  # no replica, no GPU held
+
+    first = httpx.post(f"{url}/v1/generate", json=controlnet_request(0, seed=1), timeout=120)
+    assert first.status_code == 200, first.text  # queued through the cold start, not turned away
+    assert running_replicas() == 1
+
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def client(seed: int) -> None:
+        with httpx.Client(timeout=120) as session:
+            while not stop.is_set():
+                statuses.append(session.post(f"{url}/v1/generate", json=controlnet_request(seed)).status_code)
+
+    clients = [threading.Thread(target=client, args=(seed,)) for seed in range(4)]
+    for thread in clients:
+        thread.start()
+    try:
+        wait_for(lambda: running_replicas() == 2, 120, "a second replica under load")
+    finally:
+        stop.set()  # each client's request in flight finishes while the replicas drain
+        for thread in clients:
+            thread.join()
+    assert statuses and set(statuses) == {200}, statuses
+
+    wait_for(lambda: running_replicas() == 0, 60, "back to zero replicas when idle")
+    wait_for(lambda: engine_processes() == engines_before, 10, "the removed replicas' engine processes gone")
+
+    again = httpx.post(f"{url}/v1/generate", json=controlnet_request(0, seed=1), timeout=120)
+    assert again.status_code == 200 and again.json()["data"] == first.json()["data"]  # same seed, same image
