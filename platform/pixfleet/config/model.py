@@ -68,13 +68,21 @@ class OptimizationConfig(StrictModel):
         "before it takes work, so no request pays for compilation.",
     )
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
-        "default", description="torch.compile mode."
+        "default", description="torch.compile mode (inductor's)."
+    )
+    compile_backend: Literal["inductor", "cudagraphs", "aot_eager"] = Field(
+        "inductor",
+        description="torch.compile backend: inductor generates kernels; cudagraphs replays CUDA graphs; aot_eager "
+        "traces without generating code (to check a model compiles, in seconds).",
     )
 
     @model_validator(mode="after")
     def _fusing_keeps_other_processors(self) -> OptimizationConfig:
         if self.fuse_qkv_projections and self.attention_slicing:
             raise ValueError("fuse_qkv_projections replaces sliced attention; set one of them")
+        if self.compile_mode != "default" and self.compile_backend != "inductor":
+            backend = self.compile_backend
+            raise ValueError(f"compile_mode {self.compile_mode!r} is inductor's; compile_backend is {backend!r}")
         return self
 
 

@@ -79,7 +79,8 @@ def speed_up(
     if _switch(options.fuse_qkv_projections, fuse_by_default):
         model.fuse_qkv_projections()
     if options.torch_compile and compile_model:
-        return torch.compile(model, mode=options.compile_mode)
+        inductor = options.compile_backend == "inductor"
+        return torch.compile(model, backend=options.compile_backend, mode=options.compile_mode if inductor else None)
     return model
 
 
