@@ -183,7 +183,9 @@ def main() -> None:
     from pixfleet.serving.app import build_app, http_options
 
     work = Path(tempfile.mkdtemp(prefix="pixfleet-bench-autoscale-"))
-    model = Path(args.model) if args.model else make_tiny_pipeline("controlnet", work / "tiny")
+    model = Path(args.model) if args.model else work / "tiny"
+    if not args.model:
+        make_tiny_pipeline("controlnet", model)
     config = serving_config(args, model)
     ensure_ray()
     serve.start(http_options=http_options(config))

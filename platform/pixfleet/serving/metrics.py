@@ -1,16 +1,18 @@
 """What serving reports to Ray's metrics, beside Serve's own `ray_serve_*`: Prometheus text on
-each node's metrics export port (Ray's Prometheus integration), every series tagged with the
-served model's name (and by Serve with the application, deployment and replica).
+each node's metrics export port (Ray's Prometheus integration, which prefixes `ray_`), every
+series tagged with the served model's name (and by Serve with application, deployment, replica).
 
-    pixfleet_requests_total{model,status}   requests answered, by HTTP status       (ingress)
-    pixfleet_request_seconds{model}         latency histogram of those requests     (ingress)
-    pixfleet_requests_in_flight{model}      admitted and not yet answered: running
-                                            or queued for a replica                 (ingress)
-    pixfleet_replica_start_seconds{model}   histogram of replica starts: engine
-                                            process and model load; its _count is
-                                            the cold starts                         (replica)
-    pixfleet_engine_restarts_total{model}   engine processes replaced after a call
-                                            stuck past its deadline                 (replica)
+    ray_pixfleet_requests_total{model,status}   requests answered, by HTTP status      (ingress)
+    ray_pixfleet_request_seconds{model}         latency histogram of those requests    (ingress)
+    ray_pixfleet_requests_in_flight{model}      admitted and not yet answered: running
+                                                or queued for a replica                (ingress)
+    ray_pixfleet_replica_start_seconds{model}   histogram of replica starts: engine
+                                                process and model load; its _count is
+                                                the cold starts                        (replica)
+    ray_pixfleet_engine_restarts_total{model}   engine processes replaced after a call
+                                                stuck past its deadline                (replica)
+
+Requests FastAPI refuses before a model is known (a malformed body) are not counted here.
 
 The replica count is Serve's: `ray_serve_deployment_replica_healthy`, one series per replica.
 Created on first use, in the process that records them.
