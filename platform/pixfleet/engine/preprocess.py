@@ -110,7 +110,10 @@ def content_shuffle(image: np.ndarray, detect_resolution: int) -> np.ndarray:
     a rerun makes the same map."""
     import zlib
 
-    from controlnet_aux.shuffle import ContentShuffleDetector
+    from pixfleet.models.annotators import quietly
+
+    with quietly():
+        from controlnet_aux.shuffle import ContentShuffleDetector
 
     state = np.random.get_state()  # controlnet_aux draws from numpy's global generator
     np.random.seed(zlib.crc32(image.tobytes()))

@@ -17,13 +17,27 @@ controlnet_aux and torch are imported where used: the config check stays light.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 ANNOTATORS_REPO = "lllyasviel/Annotators"
+
+
+@contextlib.contextmanager
+def quietly() -> Iterator[None]:
+    """controlnet_aux's import re-registers timm models and warns of optional packages
+    (mediapipe), timm and torch warn of deprecations, NormalBAE's encoder prints as it is
+    built: nothing a user can act on, so none of it reaches their console."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        yield
 
 
 def _identity(key: str) -> str:
@@ -65,7 +79,9 @@ class WeightFile:
         if not isinstance(stored, dict):
             where = f" under {self.wrapper!r}" if self.wrapper else ""
             return f"{path}: holds no state dict{where}"
-        expected = {self.file_key(key): tensor.shape for key, tensor in self.module().state_dict().items()}
+        with quietly():
+            module = self.module()
+        expected = {self.file_key(key): tensor.shape for key, tensor in module.state_dict().items()}
         missing = [key for key in expected if key not in stored]
         wrong = [key for key in expected if key in stored and tuple(stored[key].shape) != tuple(expected[key])]
         if not missing and not wrong:
@@ -208,7 +224,8 @@ def load_annotator(detector: str, model: str) -> Any:
     """controlnet_aux's detector for `detector`, its weights from the folder or hub id `model`."""
     annotator = ANNOTATORS[detector]
     try:
-        return annotator.load(model)
+        with quietly():
+            return annotator.load(model)
     except Exception as error:
         folder = Path(os.path.expanduser(model))
         if folder.is_dir():
@@ -226,5 +243,7 @@ def make_random_annotator(detector: str, out_dir: str | Path, seed: int = 0) -> 
     out.mkdir(parents=True, exist_ok=True)
     for file in ANNOTATORS[detector].files:
         torch.manual_seed(seed)
-        torch.save(file.pack(file.module().state_dict()), out / file.name)
+        with quietly():
+            module = file.module()
+        torch.save(file.pack(module.state_dict()), out / file.name)
     return out
