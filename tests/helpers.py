@@ -187,8 +187,9 @@ def upload(folder: Path, uri: str) -> str:
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")  # headless pages: the galleries
 
 
-def rendered_dom(page) -> str:
-    """The page's DOM after it loaded, as headless Chromium renders it (all rows in view)."""
+def rendered_dom(page: Path | str) -> str:
+    """The DOM of a page (a file, or a URL) once it has loaded and its scripts' requests have
+    been answered, as headless Chromium renders it (all rows in view)."""
     result = subprocess.run(
         [
             CHROMIUM,
@@ -199,7 +200,7 @@ def rendered_dom(page) -> str:
             "--window-size=1600,20000",
             "--virtual-time-budget=10000",
             "--dump-dom",
-            page.as_uri(),
+            page if isinstance(page, str) else page.as_uri(),
         ],
         capture_output=True,
         text=True,

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import direct_call, png_bytes, random_image, register_controlnet
+from tests.helpers import CHROMIUM, direct_call, png_bytes, random_image, register_controlnet, rendered_dom
 from tests.serving.conftest import API_KEY, MAX_PIXEL_STEPS, REGISTERED
 
 pytestmark = pytest.mark.timeout(300)
@@ -449,3 +449,34 @@ def test_registered_controlnets_are_multiplexed_and_a_new_version_needs_no_redep
     assert not np.array_equal(images[0], images[1]) and not np.array_equal(images[1], images[2])
     np.testing.assert_array_equal(decoded(pinned.json()["data"][0]), images[1])
     assert missing.status_code == 404
+
+
+@pytest.mark.skipif(not CHROMIUM, reason="headless Chromium (the Debian package) is not installed")
+def test_the_playground_runs_a_model_in_the_browser_through_the_api(server):
+    """The page lists every model with its task's inputs; a link fills the ControlNet form and
+    runs it: the browser posts to the upload route and shows the image and its parameters."""
+    import re
+
+    with server.client("/main") as client:
+        page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "<script src" not in page.text and "<link" not in page.text and "@import" not in page.text
+    assert 'data-model="tiny-controlnet"' in page.text and 'name="control_images[0]"' in page.text
+    assert 'data-model="tiny-pix2pix"' in page.text and 'name="image_guidance_scale"' in page.text
+    assert '<option value="softedge_hed">' in page.text and 'id="key"' not in page.text
+
+    dom = rendered_dom(
+        f"{server.url}/main/?model=tiny-controlnet&prompt=a%20circle&seed=7&num_inference_steps=3&run=1"
+    )
+    result = re.search(
+        r'<section data-model="tiny-controlnet">.*?<div class="result" data-status="(\d+)">(.*?)</div>', dom, re.S
+    )
+    assert result and result.group(1) == "200", dom[-3000:]
+    assert len(re.findall(r'<img src="data:image/png;base64,', result.group(2))) == 1
+    assert '"seed": 7' in result.group(2) and '"num_inference_steps": 3' in result.group(2)
+
+    # With an API key the page is open, asks for the key, and its call without one gets the API's 401.
+    with server.client("/tight") as client:
+        assert 'id="key"' in client.get("/").text
+    dom = rendered_dom(f"{server.url}/tight/?model=tiny-controlnet&run=1")
+    assert re.search(r'data-status="401"><p class="error">401: ', dom), dom[-3000:]

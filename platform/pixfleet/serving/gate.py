@@ -15,7 +15,8 @@ import hmac
 from pixfleet.config.serving import LimitsConfig
 from pixfleet.serving.errors import ApiError
 
-OPEN_PATHS = {"/healthz", "/docs", "/openapi.json"}  # reachable without the API key
+# Reachable without the API key; the playground page (/) asks for it and sends it with its calls.
+OPEN_PATHS = {"/", "/healthz", "/docs", "/openapi.json"}
 
 
 def bearer_token(authorization: bytes) -> bytes | None:

@@ -3,6 +3,7 @@
     POST /v1/generate          JSON, images as base64           every task
     POST /v1/generate/upload   multipart: files + `params` JSON every task
     POST /v1/images/edits      OpenAI images edit (multipart)   pix2pix tasks
+    GET  /                     the playground: a page to try each model in a browser
     GET  /v1/models            OpenAI model list
     GET  /healthz              200 when every model answers, else 503
 
@@ -20,7 +21,7 @@ from collections import Counter
 from typing import Annotated, Any
 
 from fastapi import FastAPI, File, Form, Request, UploadFile
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import ValidationError
 from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
@@ -35,6 +36,7 @@ from pixfleet.serving import metrics
 from pixfleet.serving.errors import ApiError, from_validation_errors, install_error_handlers
 from pixfleet.serving.gate import RequestGate
 from pixfleet.serving.openai_images import generate_request, read_edit_form
+from pixfleet.serving.playground import playground_page
 from pixfleet.serving.replica import DEADLINE
 from pixfleet.serving.requests import decode_base64, encode_png, prepare_row
 from pixfleet.serving.schemas import (
@@ -113,6 +115,11 @@ class Ingress:
         healthy = all("error" not in r for r in models.values())
         body = {"status": "ok" if healthy else "unavailable", "models": models}
         return JSONResponse(body, status_code=200 if healthy else 503)
+
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def playground(self) -> HTMLResponse:
+        """A page to try each served model in a browser (see `playground`)."""
+        return HTMLResponse(playground_page(self.config, api.state.api_key_sha256 is not None))
 
     @api.get("/v1/models")
     async def list_models(self) -> ModelList:
