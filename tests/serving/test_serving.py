@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -95,6 +96,17 @@ def test_a_requested_detector_makes_the_map_in_the_engine_as_controlnet_aux_does
     error = assert_error_shape(unknown, 422)
     assert error["param"] == "detector"
     assert error["message"] == "detector: model 'tiny-controlnet' has no detector 'lineart'; it holds softedge_hed"
+
+    # The preview route gives the map the pipeline got, from the engine's detector or the model's control.
+    def control_map(**fields) -> np.ndarray:
+        params = {"params": json.dumps({"model": "tiny-controlnet", **fields})}
+        files = {"control_images": ("c.png", png_bytes(photo), "image/png")}
+        response = httpx.post(f"{server.url}/main/v1/control-maps/upload", data=params, files=files, timeout=120)
+        assert response.status_code == 200, response.text
+        return decoded(response.json()["data"][0])
+
+    np.testing.assert_array_equal(control_map(detector="softedge_hed"), np.asarray(hed_map))
+    np.testing.assert_array_equal(control_map(), np.asarray(photo))  # its control: ready-made maps
 
 
 def test_multipart_upload_gives_the_json_result(server):
@@ -469,11 +481,12 @@ def test_the_playground_runs_a_model_in_the_browser_through_the_api(server):
         f"{server.url}/main/?model=tiny-controlnet&prompt=a%20circle&seed=7&num_inference_steps=3&run=1"
     )
     result = re.search(
-        r'<section data-model="tiny-controlnet">.*?<div class="result" data-status="(\d+)">(.*?)</div>', dom, re.S
+        r'<section data-model="tiny-controlnet"[^>]*>.*?<div class="result" data-status="(\d+)">(.*?)</div>', dom, re.S
     )
-    assert result and result.group(1) == "200", dom[-3000:]
+    assert result and result.group(1) == "200", dom[dom.find("<section") :][:3000]
     assert len(re.findall(r'<img src="data:image/png;base64,', result.group(2))) == 1
     assert '"seed": 7' in result.group(2) and '"num_inference_steps": 3' in result.group(2)
+    assert re.search(r'<section data-model="tiny-controlnet".*?<img[^>]*data-field="control map 0"', dom, re.S)
 
     # With an API key the page is open, asks for the key, and its call without one gets the API's 401.
     with server.client("/tight") as client:

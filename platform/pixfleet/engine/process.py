@@ -14,6 +14,7 @@ tuples over a socket pair:
     parent -> child   (spec, max_controlnets, detectors)           once: load this pipeline and detectors
                       ("generate", rows, controlnet_folder | None, deadline)
                       ("load_controlnet", folder)
+                      ("detect", rows)                             the control maps its detectors make
     child -> parent   ("ready", EngineInfo) once loaded, then ("ok", result) or ("error", kind, message)
 """
 
@@ -152,6 +153,11 @@ class EngineProcess:
         (EngineStopped once the replacement is loaded)."""
         return self._call(("generate", rows, controlnet, deadline), deadline, deadline + grace_s)
 
+    def detect(self, rows: list[dict[str, Any]], deadline: float, grace_s: float) -> list[dict[str, Any]]:
+        """The control images of `rows` as their detector makes them here (rows without one
+        unchanged): each row's control columns only."""
+        return self._call(("detect", rows), deadline, deadline + grace_s)
+
     def load_controlnet(self, folder: str, timeout_s: float = 600) -> None:
         """Load the ControlNet in `folder` beside the base model (LRU of `max_controlnets`)."""
         self._call(("load_controlnet", folder), None, time.time() + timeout_s)
@@ -235,6 +241,10 @@ def _serve(connection: Connection) -> None:
             if message[0] == "load_controlnet":
                 _load_controlnet(runner, spec, controlnets, message[1], max_controlnets)
                 connection.send(("ok", None))
+            elif message[0] == "detect":
+                detected = _detected(message[1], detectors)
+                maps = [{k: v for k, v in row.items() if C.control_index(k) is not None} for row in detected]
+                connection.send(("ok", maps))
             else:
                 _, rows, controlnet, deadline = message
                 if controlnet:  # loaded already, unless this process replaced a killed one

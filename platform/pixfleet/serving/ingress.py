@@ -3,6 +3,7 @@
     POST /v1/generate          JSON, images as base64           every task
     POST /v1/generate/upload   multipart: files + `params` JSON every task
     POST /v1/images/edits      OpenAI images edit (multipart)   pix2pix tasks
+    POST /v1/control-maps/upload  the control maps of uploaded images (what generation would get)
     GET  /                     the playground: a page to try each model in a browser
     GET  /v1/models            OpenAI model list
     GET  /healthz              200 when every model answers, else 503
@@ -29,6 +30,7 @@ from ray.serve.handle import DeploymentHandle
 
 from pixfleet import __version__
 from pixfleet.config.serving import LimitsConfig, ServedModelConfig, ServingConfig
+from pixfleet.engine import columns as C
 from pixfleet.engine.params import pipeline_call_defaults
 from pixfleet.models.registry import RegistryError, resolve_version
 from pixfleet.models.tasks import task_info
@@ -38,8 +40,11 @@ from pixfleet.serving.gate import RequestGate
 from pixfleet.serving.openai_images import generate_request, read_edit_form
 from pixfleet.serving.playground import playground_page
 from pixfleet.serving.replica import DEADLINE
-from pixfleet.serving.requests import decode_base64, encode_png, prepare_row
+from pixfleet.serving.requests import control_row, decode_base64, encode_png, prepare_row
 from pixfleet.serving.schemas import (
+    ControlMap,
+    ControlMapsRequest,
+    ControlMapsResponse,
     EditResponse,
     ErrorResponse,
     GenerateRequest,
@@ -167,6 +172,36 @@ class Ingress:
         files = {f"control_images[{i}]": f for i, f in enumerate(control_images or [])}
         files |= {field: f for field, f in (("image", image), ("mask_image", mask_image)) if f is not None}
         return await self._generate(request, {field: await f.read() for field, f in files.items()})
+
+    @api.post("/v1/control-maps/upload", response_model=ControlMapsResponse)
+    async def control_maps(
+        self,
+        params: Annotated[str, Form(description="ControlMapsRequest fields as JSON.")],
+        control_images: Annotated[list[UploadFile] | None, File(description="Control image(s).")] = None,
+    ) -> Response:
+        """The control maps a generation with these images gets: the model's `control` made here,
+        or the detector the request names run in a replica's engine. What the playground shows
+        before it generates."""
+        try:
+            request = ControlMapsRequest.model_validate(json.loads(params))
+        except json.JSONDecodeError as error:
+            raise ApiError(400, f"params: not valid JSON ({error})", "params") from None
+        except ValidationError as error:
+            raise from_validation_errors(error.errors()) from None
+        served = self._served(request.model)
+        images = {f"control_images[{i}]": await f.read() for i, f in enumerate(control_images or [])}
+        size = (request.width, request.height)
+        row = await asyncio.to_thread(control_row, served, self.config.limits, images, size, request.detector)
+        if request.detector:
+            row[DEADLINE] = time.time() + self.config.limits.request_timeout_s
+            result = await self.handles[served.name].detect.remote(row)
+            if "error" in result:
+                raise ApiError(500, result["message"])
+            row = result["maps"]
+        maps = [row[C.control_column(i)] for i in range(served.model.num_controlnets)]
+        pngs = await asyncio.to_thread(lambda: [encode_png(image) for image in maps])
+        data = [ControlMap(b64_json=_b64(png)) for png in pngs]
+        return JSONResponse(ControlMapsResponse(model=served.name, detector=request.detector, data=data).model_dump())
 
     @api.post("/v1/images/edits", response_model=EditResponse)
     async def edit(self, request: Request) -> Response:

@@ -1,9 +1,11 @@
 """The playground: `GET /` on the API, a page to try each served model in a browser.
 
 One form per model with the inputs its task takes (its images as uploads, prompt, seed, steps,
-guidance, the model's detectors); each image chosen is shown before generating. The form calls
-the API's own `/v1/generate/upload` route (the page adds nothing the API does not do) and shows
-the image with the parameters the server resolved, or the API's error. With an API key set, the
+guidance, the model's detectors); each image chosen is shown, and before generating, the control
+maps the pipeline will get (`/v1/control-maps/upload`: the model's `control`, or the detector
+chosen, run in the engine). The form then calls the API's own `/v1/generate/upload` route (the
+page adds nothing the API does not do) and shows the image with the parameters the server
+resolved, or the API's error. With an API key set, the
 page asks for it and sends it as the API wants it (Bearer); the page itself holds no secret.
 Everything is inline: no external script, style or font.
 
@@ -28,7 +30,7 @@ pre { background: #f6f6f6; padding: 0.5em; white-space: pre-wrap; }
 """
 
 _SCRIPT = """
-const api = location.pathname.replace(/\\/$/, "") + "/v1/generate/upload";
+const base = location.pathname.replace(/\\/$/, "");
 const query = new URLSearchParams(location.search);
 
 function sample() {
@@ -63,6 +65,32 @@ async function images(section) {
   return chosen;
 }
 
+function post(route, params, chosen, controlOnly) {
+  const body = new FormData();
+  body.append("params", JSON.stringify(params));
+  for (const [field, blob] of Object.entries(chosen)) {
+    if (controlOnly && !field.startsWith("control_images")) continue;
+    body.append(field.replace(/\\[\\d+\\]$/, ""), blob, field + ".png");
+  }
+  const headers = {};
+  const key = document.getElementById("key");
+  if (key && key.value) headers.Authorization = "Bearer " + key.value;
+  return fetch(base + route, { method: "POST", body, headers });
+}
+
+async function showMaps(section, params, chosen) {
+  // The maps the pipeline will get, shown before it runs: the model's control, or the detector.
+  const asked = { model: params.model };
+  for (const name of ["detector", "width", "height"]) if (name in params) asked[name] = params[name];
+  const response = await post("/v1/control-maps/upload", asked, chosen, true);
+  if (!response.ok) return;
+  const answer = await response.json();
+  answer.data.forEach((item, i) => {
+    const bytes = Uint8Array.from(atob(item.b64_json), c => c.charCodeAt(0));
+    show(section, `control map ${i}`, new Blob([bytes], { type: "image/png" }));
+  });
+}
+
 async function generate(section) {
   const form = section.querySelector("form");
   const result = section.querySelector(".result");
@@ -71,16 +99,10 @@ async function generate(section) {
     if (input.value === "") continue;
     params[input.name] = input.type === "number" ? Number(input.value) : input.value;
   }
-  const body = new FormData();
-  body.append("params", JSON.stringify(params));
-  for (const [field, blob] of Object.entries(await images(section))) {
-    body.append(field.replace(/\\[\\d+\\]$/, ""), blob, field + ".png");
-  }
-  const headers = {};
-  const key = document.getElementById("key");
-  if (key && key.value) headers.Authorization = "Bearer " + key.value;
+  const chosen = await images(section);
+  if (Number(section.dataset.controlnets) > 0) await showMaps(section, params, chosen);
   result.textContent = "generating...";
-  const response = await fetch(api, { method: "POST", body, headers });
+  const response = await post("/v1/generate/upload", params, chosen, false);
   const answer = await response.json();
   result.dataset.status = response.status;
   result.textContent = "";
@@ -157,7 +179,8 @@ def playground_page(config: ServingConfig, needs_key: bool) -> str:
         guidance = _number("image_guidance_scale", "image guidance", "0.1") if edits else ""
         name = html.escape(served.name)
         sections.append(
-            f'<section data-model="{name}"><h2>{name} <small>{task}</small></h2>'
+            f'<section data-model="{name}" data-controlnets="{served.model.num_controlnets}">'
+            f"<h2>{name} <small>{task}</small></h2>"
             f"<form>{images}<br>"
             '<label>prompt <input name="prompt" size="60" data-param></label><br>'
             f"{_number('seed', 'seed')}{_number('num_inference_steps', 'steps')}"

@@ -97,6 +97,14 @@ class ModelReplica:
         if self.broken or self.engine.failure:
             raise RuntimeError(self.broken or self.engine.failure)
 
+    async def detect(self, row: dict[str, Any]) -> dict[str, Any]:
+        """The control maps the engine's detector makes of a request's control images."""
+        try:
+            maps = await asyncio.to_thread(self.engine.detect, [row], row[DEADLINE], self.stop_grace_s)
+        except (EngineStopped, EngineCallFailed) as error:
+            return {"error": "pipeline", "message": str(error)}
+        return {"maps": maps[0]}
+
     async def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         return await self.generate(row)
 

@@ -55,14 +55,23 @@ def image_fields(served: ServedModelConfig) -> dict[str, str]:
     return fields
 
 
-def check_images(served: ServedModelConfig, given: dict[str, bytes]) -> dict[str, bytes]:
-    """The task's images from `given` (field -> bytes); 422 for a missing or unexpected one.
+def control_fields(served: ServedModelConfig) -> dict[str, str]:
+    """Request field -> row column of the model's control images only."""
+    return {field: column for field, column in image_fields(served).items() if C.control_index(column) is not None}
+
+
+def check_images(
+    served: ServedModelConfig, given: dict[str, bytes], wanted: dict[str, str] | None = None
+) -> dict[str, bytes]:
+    """The images `wanted` (default: all the task takes) from `given` (field -> bytes); 422 for
+    a missing or unexpected one.
 
     One control image feeds every ControlNet, as in a bulk job's single control column.
     """
-    wanted = image_fields(served)
+    wanted = image_fields(served) if wanted is None else wanted
     if "control_images[0]" in given and "control_images[1]" not in given:
-        given = {**given, **{f"control_images[{i}]": given["control_images[0]"] for i in range(1, len(wanted))}}
+        copies = range(1, served.model.num_controlnets)  # not len(wanted): a source image or mask is no ControlNet's
+        given = {**given, **{f"control_images[{i}]": given["control_images[0]"] for i in copies}}
     task = served.model.task
     for field in given:
         if field not in wanted:
@@ -103,23 +112,10 @@ def prepare_row(
             422, f"num_images_per_prompt: at most {most} per request for {served.name!r}", "num_images_per_prompt"
         )
     fields = image_fields(served)
-    arrays = {
-        field: decode_upload(images[field], field, limits, "L" if column == C.MASK_IMAGE else "RGB")
-        for field, column in fields.items()
-    }
+    arrays = decoded(images, fields, limits)
     width, height = _output_size(size, arrays, limits)
     check_cost(served, width, height, resolved, size, next(iter(fields)))
-    # Unset size keeps the inputs' (the pipeline rounds it down), as resize_mode 'none' in a job.
-    resize_mode = "none" if size == (None, None) else "center_crop"
-    row = {}
-    for field, column in fields.items():
-        image = fit_image(arrays[field], width, height, resize_mode, "lanczos")
-        index = C.control_index(column)
-        if index is not None and detector is None:
-            image = detect(image, served.control[index if len(served.control) > 1 else 0])
-        row[column] = image
-    if detector is not None:
-        row[C.DETECTOR] = detector
+    row = fitted(served, arrays, fields, (width, height), size == (None, None), detector)
     seed = resolved["seed"] if resolved["seed"] is not None else secrets.randbits(62)
     resolved["seed"] = seed
     return {
@@ -132,6 +128,54 @@ def prepare_row(
         C.PARAMS: json.dumps(resolved),
         C.SEED: seed,
     }
+
+
+def control_row(
+    served: ServedModelConfig,
+    limits: LimitsConfig,
+    images: dict[str, bytes],
+    size: tuple[int | None, int | None],
+    detector: str | None,
+) -> dict[str, Any]:
+    """A request's control images as `prepare_row` prepares them, without the rest of a row:
+    what the control-map preview shows before generating."""
+    if not served.model.num_controlnets:
+        raise ApiError(422, f"model: {served.name!r} (task {served.model.task}) takes no control image", "model")
+    check_detector(served, detector)
+    fields = control_fields(served)
+    arrays = decoded(check_images(served, images, fields), fields, limits)
+    return fitted(served, arrays, fields, _output_size(size, arrays, limits), size == (None, None), detector)
+
+
+def decoded(images: dict[str, bytes], fields: dict[str, str], limits: LimitsConfig) -> dict[str, np.ndarray]:
+    """Each field's image decoded (masks as grey), within the limits."""
+    return {
+        field: decode_upload(images[field], field, limits, "L" if column == C.MASK_IMAGE else "RGB")
+        for field, column in fields.items()
+    }
+
+
+def fitted(
+    served: ServedModelConfig,
+    arrays: dict[str, np.ndarray],
+    fields: dict[str, str],
+    size: tuple[int, int],
+    keep_size: bool,
+    detector: str | None,
+) -> dict[str, Any]:
+    """Row columns: each image fitted to `size` (kept as it is with `keep_size`, as resize_mode
+    'none' in a job: the pipeline rounds it down), control images made maps by the model's
+    `control` unless `detector` names one of its detectors, which the engine runs."""
+    row: dict[str, Any] = {}
+    for field, column in fields.items():
+        image = fit_image(arrays[field], *size, "none" if keep_size else "center_crop", "lanczos")
+        index = C.control_index(column)
+        if index is not None and detector is None:
+            image = detect(image, served.control[index if len(served.control) > 1 else 0])
+        row[column] = image
+    if detector is not None:
+        row[C.DETECTOR] = detector
+    return row
 
 
 def check_detector(served: ServedModelConfig, detector: str | None) -> None:

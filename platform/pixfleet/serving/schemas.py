@@ -55,6 +55,29 @@ class GenerateRequest(GenerationParams):
         return self.model_dump(include=set(GenerationParams.model_fields), exclude_unset=True)
 
 
+class ControlMapsRequest(BaseModel):
+    """The control maps a generation would get from these control images (uploaded as files)."""
+
+    model_config = {"extra": "forbid"}
+
+    model: str = Field(description="Id of a served model with ControlNets.")
+    detector: str | None = Field(None, description="One of the model's detectors; unset: its `control`.")
+    width: int | None = Field(None, ge=8, le=4096, description="Width the images are fitted to; unset keeps theirs.")
+    height: int | None = Field(None, ge=8, le=4096, description="Height the images are fitted to.")
+
+
+class ControlMap(BaseModel):
+    b64_json: str = Field(description="PNG bytes, base64.")
+
+
+class ControlMapsResponse(BaseModel):
+    """Each ControlNet's control map, in ControlNet order."""
+
+    model: str = Field(description="Model id.")
+    detector: str | None = Field(description="The detector that made the maps in the engine, if one was asked for.")
+    data: list[ControlMap] = Field(description="One map per ControlNet.")
+
+
 class ImageData(BaseModel):
     """One generated image (the `data` items of OpenAI's images API)."""
 
