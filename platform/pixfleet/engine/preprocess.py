@@ -100,7 +100,8 @@ def detect(image: np.ndarray, control: ControlPreprocessConfig) -> np.ndarray:
     if control.detector == "tile":  # sd-webui's tile_resample, back at the image's size
         height, width = image.shape[:2]
         small = (max(1, round(width / control.tile_downsample)), max(1, round(height / control.tile_downsample)))
-        return cv2.resize(cv2.resize(image, small, interpolation=cv2.INTER_AREA), (width, height), cv2.INTER_CUBIC)
+        reduced = cv2.resize(image, small, interpolation=cv2.INTER_AREA)
+        return cv2.resize(reduced, (width, height), interpolation=cv2.INTER_CUBIC)
     edges = cv2.Canny(image, control.low_threshold, control.high_threshold)
     return np.repeat(edges[:, :, None], 3, axis=2)
 
