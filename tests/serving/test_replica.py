@@ -30,6 +30,9 @@ class FlakyEngine:
             raise self.errors.pop(0)
         return np.zeros((len(rows), 8, 8, 3), np.uint8)
 
+    def close(self) -> None:  # what the replica calls when Serve removes it
+        pass
+
 
 def replica_with(engine: FlakyEngine) -> ModelReplica:
     replica = object.__new__(ModelReplica)  # no Serve, no model: only what `_run` reads
