@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BeforeValidator, Field, ValidationInfo, field_validator, model_validator
 
@@ -53,26 +53,10 @@ class SourceConfig(StrictModel):
     limit: int | None = Field(None, ge=1, description="Read at most this many rows.")
 
 
-TRANSFORMERS_DETECTORS = ("depth", "segmentation")  # transformers models
+ImageDetector = Literal["none", "canny", "shuffle", "tile"]  # no model: run in the CPU preprocessing
+TransformersDetector = Literal["depth", "segmentation"]
 # ControlNet 1.1's annotators (controlnet_aux), weights laid out as lllyasviel/Annotators.
-ANNOTATOR_DETECTORS = (
-    "lineart",
-    "lineart_anime",
-    "softedge_hed",
-    "softedge_pidinet",
-    "scribble_hed",
-    "mlsd",
-    "openpose",
-    "normal_bae",
-)
-MODEL_DETECTORS = TRANSFORMERS_DETECTORS + ANNOTATOR_DETECTORS  # run by the detect stage
-DetectorName = Literal[
-    "none",
-    "canny",
-    "shuffle",
-    "tile",
-    "depth",
-    "segmentation",
+AnnotatorDetector = Literal[
     "lineart",
     "lineart_anime",
     "softedge_hed",
@@ -82,6 +66,10 @@ DetectorName = Literal[
     "openpose",
     "normal_bae",
 ]
+DetectorName = Literal[ImageDetector, TransformersDetector, AnnotatorDetector]
+TRANSFORMERS_DETECTORS = get_args(TransformersDetector)
+ANNOTATOR_DETECTORS = get_args(AnnotatorDetector)
+MODEL_DETECTORS = TRANSFORMERS_DETECTORS + ANNOTATOR_DETECTORS  # run by the detect stage
 
 
 class ControlPreprocessConfig(StrictModel):

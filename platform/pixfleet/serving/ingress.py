@@ -19,11 +19,11 @@ import base64
 import json
 import time
 from collections import Counter
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
@@ -54,6 +54,7 @@ from pixfleet.serving.schemas import (
     ModelList,
 )
 
+RequestModel = TypeVar("RequestModel", bound=BaseModel)
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 503, 504)}
 
 api = FastAPI(
@@ -78,6 +79,16 @@ def _does_edits(served: ServedModelConfig) -> bool:
 def _capacity(served: ServedModelConfig) -> int:
     """Requests the model deployment can hold at most: running on every replica, plus queued."""
     return served.autoscaling.max_replicas * served.max_ongoing_requests + served.max_queued_requests
+
+
+def _form_params(schema: type[RequestModel], params: str) -> RequestModel:
+    """A multipart route's `params` field: its JSON validated as `schema`, or the API's 400/422."""
+    try:
+        return schema.model_validate(json.loads(params))
+    except json.JSONDecodeError as error:
+        raise ApiError(400, f"params: not valid JSON ({error})", "params") from None
+    except ValidationError as error:
+        raise from_validation_errors(error.errors()) from None
 
 
 def _b64(data: bytes) -> str:
@@ -161,12 +172,7 @@ class Ingress:
         mask_image: Annotated[UploadFile | None, File(description="Inpaint mask.")] = None,
     ) -> Response:
         """Generate with images uploaded as multipart files."""
-        try:
-            request = GenerateRequest.model_validate(json.loads(params))
-        except json.JSONDecodeError as error:
-            raise ApiError(400, f"params: not valid JSON ({error})", "params") from None
-        except ValidationError as error:
-            raise from_validation_errors(error.errors()) from None
+        request = _form_params(GenerateRequest, params)
         if request.control_images or request.image or request.mask_image:
             raise ApiError(422, "params: send images as files, not in params", "params")
         files = {f"control_images[{i}]": f for i, f in enumerate(control_images or [])}
@@ -182,12 +188,7 @@ class Ingress:
         """The control maps a generation with these images gets: the model's `control` made here,
         or the detector the request names run in a replica's engine. What the playground shows
         before it generates."""
-        try:
-            request = ControlMapsRequest.model_validate(json.loads(params))
-        except json.JSONDecodeError as error:
-            raise ApiError(400, f"params: not valid JSON ({error})", "params") from None
-        except ValidationError as error:
-            raise from_validation_errors(error.errors()) from None
+        request = _form_params(ControlMapsRequest, params)
         served = self._served(request.model)
         images = {f"control_images[{i}]": await f.read() for i, f in enumerate(control_images or [])}
         size = (request.width, request.height)
