@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +24,28 @@ def tiny_spec(tiny_dir: Path, task: str, **overrides) -> ModelSpec:
     names = ["controlnet", "controlnet_1"] if task in MULTI_CONTROLNET_TASKS else ["controlnet"]
     controlnets = [str(tiny_dir / task / n) for n in names] if TASKS[task].uses_controlnet else []
     return ModelSpec(task=task, base_model=str(tiny_dir / task), controlnets=controlnets, **overrides)
+
+
+@functools.cache
+def _empty_mlflow_store() -> Path:
+    import mlflow
+
+    folder = tempfile.mkdtemp(prefix="pixfleet-tests-mlflow-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    path = Path(folder) / "mlflow.db"
+    mlflow.MlflowClient(f"sqlite:///{path}").search_experiments()  # creates and migrates it
+    return path
+
+
+def tracking_uri(folder: Path) -> str:
+    """A sqlite MLflow store in `folder`, as a user's existing store is: a copy of an empty one
+    made once per test process (a new store's schema migrations take 1.5 s). The tests that
+    create a store from nothing name their own path."""
+    db = folder / "mlflow.db"
+    if not db.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_empty_mlflow_store(), db)
+    return f"sqlite:///{db}"
 
 
 def random_image(seed: int, size: tuple[int, int] = (64, 64)) -> Image.Image:
@@ -95,8 +120,9 @@ def odd_image(seed: int, size: tuple[int, int], mode: str = "RGB") -> Image.Imag
     return random_image(seed, size).convert(mode)
 
 
-def tiny_job(tiny_dir: Path, task: str, source_path: Path | str, output_dir: Path, **sections):
-    """A GenerationJobConfig over the tiny `task` pipeline: 32 px, 2 steps, MLflow in output_dir."""
+def tiny_job(tiny_dir: Path, task: str, source_path: Path | str, output_dir: Path, new_store=False, **sections):
+    """A GenerationJobConfig over the tiny `task` pipeline: 32 px, 2 steps, MLflow in output_dir
+    (an existing store there, or with `new_store` one the job creates)."""
     from pixfleet.config import GenerationJobConfig
 
     spec = tiny_spec(tiny_dir, task)
@@ -108,7 +134,10 @@ def tiny_job(tiny_dir: Path, task: str, source_path: Path | str, output_dir: Pat
         "params": {"num_inference_steps": 2},
         "sink": {"output_dir": str(output_dir)},
         "resources": {"batch_size": 4},
-        "tracking": {"tracking_uri": f"sqlite:///{output_dir}/mlflow.db", "experiment": "tests"},
+        "tracking": {
+            "tracking_uri": f"sqlite:///{output_dir}/mlflow.db" if new_store else tracking_uri(output_dir),
+            "experiment": "tests",
+        },
     }
     for section, values in sections.items():
         data[section] = {**data.get(section, {}), **values} if isinstance(values, dict) else values

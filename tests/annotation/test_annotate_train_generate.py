@@ -22,7 +22,7 @@ from pixfleet.engine import columns as C
 from pixfleet.generation.job import run_generation
 from pixfleet.models.tiny import make_tiny_captioner, make_tiny_depth_estimator
 from pixfleet.training.trainer import run_training
-from tests.helpers import register_controlnet, tiny_spec
+from tests.helpers import register_controlnet, tiny_spec, tracking_uri
 
 pytestmark = [pytest.mark.timeout(420), pytest.mark.usefixtures("ray_session")]
 
@@ -34,7 +34,7 @@ def test_photos_to_training_set_to_controlnet_to_images(tiny_dir, tmp_path):
     for i in range(8):
         fill50k_row(rng, 48)[0].save(photos / f"{i}.jpg", quality=95)
     depth = str(make_tiny_depth_estimator(tmp_path / "tiny-dpt"))
-    tracking = {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "loop"}
+    tracking = {"tracking_uri": tracking_uri(tmp_path), "experiment": "loop"}
 
     annotated = run_annotation(
         AnnotateJobConfig.model_validate(

@@ -14,7 +14,7 @@ from pixfleet.comparison.report import decide
 from pixfleet.config.evaluation import EvalJobConfig, PromotionConfig
 from pixfleet.evaluation.statistics import Figure, bootstrap_mean, paired_difference
 from pixfleet.models.tiny import make_tiny_inception
-from tests.helpers import CHROMIUM, PROJECT, register_controlnet, rendered_dom, tiny_spec
+from tests.helpers import CHROMIUM, PROJECT, register_controlnet, rendered_dom, tiny_spec, tracking_uri
 
 pytestmark = pytest.mark.timeout(300)
 RNG = np.random.default_rng(3)
@@ -135,7 +135,7 @@ def test_eval_promotes_the_better_challenger_and_refuses_the_worse_recording_why
 
     from pixfleet.comparison.job import run_eval
 
-    registry = f"sqlite:///{tmp_path}/mlflow.db"
+    registry = tracking_uri(tmp_path)
     healthy, diverged = tiny_dir / "controlnet" / "controlnet", _diverged(tiny_dir, tmp_path / "diverged")
     register_controlnet(diverged, "canny", registry, tmp_path / "artifacts", alias="champion")  # v1
     register_controlnet(healthy, "canny", registry, tmp_path / "artifacts", alias="challenger")  # v2

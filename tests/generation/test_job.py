@@ -137,11 +137,11 @@ def test_a_source_that_cannot_work_fails_before_any_work(tiny_dir, fill50k_dir, 
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ConfigError, match=r"empty: no images"):
-        run_generation(tiny_job(tiny_dir, "controlnet", empty, tmp_path / "o1"))
+        run_generation(tiny_job(tiny_dir, "controlnet", empty, tmp_path / "o1", new_store=True))
     job = tiny_job(tiny_dir, "controlnet", fill50k_dir, tmp_path / "o2", source={"control_columns": ["edges"]})
     with pytest.raises(ConfigError, match=r"no column for control_image_0 \(edges\); columns are image, conditioning"):
         run_generation(job)
-    broken = tiny_job(tiny_dir, "controlnet", fill50k_dir, tmp_path / "o3")
+    broken = tiny_job(tiny_dir, "controlnet", fill50k_dir, tmp_path / "o3", new_store=True)
     broken.model.base_model = str(tiny_dir / "controlnet" / "unet")
     with pytest.raises(ModelLoadError, match=r"no model_index\.json"):
         run_generation(broken)

@@ -18,7 +18,7 @@ from pixfleet.config.training import TrainingJobConfig
 from pixfleet.models.registry import resolve_registry_models
 from pixfleet.training.loop import TRAINER_STATE
 from pixfleet.training.trainer import run_training
-from tests.helpers import kill_group, start_cli, tiny_spec, write_job_yaml
+from tests.helpers import kill_group, start_cli, tiny_spec, tracking_uri, write_job_yaml
 
 pytestmark = [pytest.mark.timeout(420), pytest.mark.usefixtures("ray_session")]
 
@@ -50,7 +50,7 @@ def train_job(
                 **train,
             },
             "distributed": {"strategy": strategy, "num_workers": workers, "storage_path": str(tmp_path / "ray_train")},
-            "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "tests"},
+            "tracking": {"tracking_uri": tracking_uri(tmp_path), "experiment": "tests"},
             "registry": {"model_name": "tiny-controlnet", "alias": "champion"},
         }
     )

@@ -15,6 +15,7 @@ from PIL import Image
 from pixfleet.config.training import ControlNetTrainingArgs, TrainingJobConfig
 from pixfleet.training.data import TrainPreprocess
 from pixfleet.training.trainer import run_training
+from tests.helpers import tracking_uri
 from tests.training.test_training import assert_loss_falls, metric_history
 
 pytestmark = pytest.mark.timeout(420)
@@ -117,7 +118,7 @@ def test_sdxl_zero3_offload_loss_falls_resumes_both_ranks_and_saves_whole_weight
                 "offload_param": True,
                 "storage_path": str(tmp_path / "ray_train"),
             },
-            "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "tests"},
+            "tracking": {"tracking_uri": tracking_uri(tmp_path), "experiment": "tests"},
             "registry": {"model_name": "tiny-sdxl-controlnet", "alias": "champion"},
         }
     )

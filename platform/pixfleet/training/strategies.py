@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import tempfile
 from pathlib import Path
@@ -73,6 +74,16 @@ def deepspeed_config(args: ControlNetTrainingArgs, dist: DistributedConfig, lear
     if dist.deepspeed_config:
         config = _deep_merge(config, json.loads(Location.of(dist.deepspeed_config).read_text()))
     return config
+
+
+def _ask_cpu_info_once() -> None:
+    """py-cpuinfo answers each `get_cpu_info()` by starting a Python subprocess (about a second on
+    two cores), and DeepSpeed's CPU Adam and op builders ask three times per engine: the CPU does
+    not change within a process, so the first answer serves the rest."""
+    import cpuinfo
+
+    if not hasattr(cpuinfo.get_cpu_info, "cache_info"):
+        cpuinfo.get_cpu_info = functools.cache(cpuinfo.get_cpu_info)
 
 
 def _deep_merge(base: dict, override: dict) -> dict:
@@ -189,6 +200,7 @@ class DeepSpeedStrategy:
     ):
         import deepspeed
 
+        _ask_cpu_info_once()
         self.args = args
         self.engine, self.optimizer, _, self.lr_scheduler = deepspeed.initialize(
             model=controlnet,
