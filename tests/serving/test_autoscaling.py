@@ -1,12 +1,13 @@
 """Autoscaled serving on the session's Serve: a model at zero replicas answers its first request
 after a cold start, load raises its replicas to the maximum (each replica holds one request:
 four clients keep both busy), idleness takes them back to zero, and no request fails on the way;
-replicas take their engine processes with them."""
+replicas take their engine processes with them, and Ray's metrics endpoint counts it all."""
 
 from __future__ import annotations
 
 import threading
 import time
+import urllib.request
 
 import httpx
 import psutil
@@ -39,6 +40,23 @@ def running_replicas() -> int:
 def engine_processes() -> int:
     return sum(
         1 for p in psutil.process_iter(["cmdline"]) if "pixfleet.engine.process" in " ".join(p.info["cmdline"] or [])
+    )
+
+
+def scraped(metric: str, **labels: str) -> float:
+    """The sum of `metric`'s series for this app's model on Ray's Prometheus endpoint."""
+    import ray
+    from prometheus_client.parser import text_string_to_metric_families
+
+    node = ray.nodes()[0]
+    with urllib.request.urlopen(f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics") as page:
+        text = page.read().decode()
+    wanted = {"application": APP, "model": "tiny-controlnet", **labels}
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == metric and wanted.items() <= sample.labels.items()
     )
 
 
@@ -103,3 +121,11 @@ def test_replicas_follow_the_load_up_and_down_to_zero_answering_every_request(au
 
     wait_for(lambda: running_replicas() == 0, 60, "back to zero replicas when idle")
     wait_for(lambda: engine_processes() == engines_before, 10, "the removed replicas' engine processes gone")
+
+    # What a Prometheus scrape of Ray's metrics endpoint sees of it (reported every few seconds).
+    answered = 1 + len(statuses)
+    wait_for(lambda: scraped("ray_pixfleet_requests_total", status="200") == answered, 30, "the answers counted")
+    assert scraped("ray_pixfleet_requests_total") == answered  # no other status
+    assert scraped("ray_pixfleet_request_seconds_count") == answered
+    assert scraped("ray_pixfleet_requests_in_flight") == 0
+    assert scraped("ray_pixfleet_replica_start_seconds_count") >= 2  # the cold start, then the second replica
