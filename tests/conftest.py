@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from pixfleet.cluster import start_local_ray
 from pixfleet.models.tasks import TASKS
 from tests.helpers import MULTI_CONTROLNET_TASKS
 
@@ -126,9 +127,8 @@ def fill50k_dir(project_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray for the session, sized like the CI machine. With its dashboard (on loopback)
-    as the embedded Ray has it: Ray Train's placement-group cleaner asks its state API whether
-    the controller lives, and without one polls, and warns, every second for the session."""
+    """One local Ray for the session, sized like the CI machine, started as the embedded Ray is
+    (on loopback, with its dashboard)."""
     import ray
 
     # Serve's handles and replicas report their load every 10 s by default, the autoscaler's
@@ -138,6 +138,6 @@ def ray_session():
     # Ray Train's controller polls its workers every 2 s: a finished run, a registered checkpoint
     # or a dead worker is seen up to 2 s late. Every half second, each training test ends sooner.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1")
+    start_local_ray(num_cpus=2)
     yield
     ray.shutdown()

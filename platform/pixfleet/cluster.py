@@ -66,14 +66,49 @@ def ensure_ray(address: str | None = None) -> None:
     # Ray warns at every start that it turned authentication on, with advice to turn it off:
     # pixfleet keeps it on, so the advice stays out of the job's console.
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    # The dashboard process serves Ray's state API, which Ray Train's placement-group cleaner asks
-    # every second (without it, it warns every second and cannot free a dead run's resources);
-    # on loopback only, behind the token like the rest.
-    ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
+    start_local_ray(logging_level=logging.WARNING)
     token = Path.home() / ".ray" / "auth_token"
     if token.is_file() and token.stat().st_uid == os.getuid():
         token.chmod(0o600)  # Ray writes it world-readable; it is a credential
     _watch_for_a_killed_driver()
+
+
+def start_local_ray(**options) -> None:
+    """Start a Ray of this machine alone, on loopback, with its dashboard.
+
+    Ray binds its Prometheus endpoints (the node agent's, the dashboard's, the autoscaler's),
+    which take no credential, to 127.0.0.1 only when the node's address is loopback, and it
+    keeps a loopback address only where it holds the machine to be no cluster (its macOS and
+    Windows default, `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`): otherwise it resolves 127.0.0.1 to
+    the machine's address, in the driver and again in every process that connects (its agents
+    do). A local Ray is no cluster: the setting holds for this start, and the processes it
+    starts inherit it, the driver's own environment being restored after. The dashboard serves
+    Ray's state API, which Ray Train's placement-group cleaner asks every second (without it,
+    it warns every second and cannot free a dead run's resources): on loopback, behind the
+    token like the rest.
+    """
+    from ray._private import ray_constants
+
+    variable, before = (
+        ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR,
+        os.environ.get(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR),
+    )
+    cluster = ray_constants.ENABLE_RAY_CLUSTER  # read when ray was imported: set for this start too
+    os.environ[variable], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        ray.init(
+            address="local",
+            _node_ip_address="127.0.0.1",
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            **options,
+        )
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = cluster
+        if before is None:
+            del os.environ[variable]
+        else:
+            os.environ[variable] = before
 
 
 def _watch_for_a_killed_driver() -> None:

@@ -1,6 +1,7 @@
-"""The embedded Ray that `pixfleet generate|train|serve` start by default: Ray's token
-authentication stays on (a client without the token is refused by the GCS and the agents),
-and a driver killed with SIGKILL leaves no Ray process behind.
+"""The embedded Ray that `pixfleet generate|train|serve` start by default: every port it opens
+is on loopback (Ray's Prometheus endpoints take no credential), Ray's token authentication
+stays on for the local users beside it (a client without the token is refused by the GCS and
+the agents), and a driver killed with SIGKILL leaves no Ray process behind.
 
 This module sorts first in the session on purpose: Ray's job agent serves HTTP on port 52365
 only in the first Ray of a machine (a later one runs without it), and it is what is tested.
@@ -61,14 +62,24 @@ def _gcs_status(address: str, token: str | None) -> str:
     return "OK"
 
 
+def _listening(driver_pid: int) -> list[tuple[str, str, int]]:
+    """(process name, address, port) of every socket the driver's Ray processes listen on."""
+    found = []
+    for process in psutil.process_iter(["name"]):
+        try:
+            if os.getpgid(process.pid) != driver_pid:
+                continue
+            connections = process.net_connections("inet")
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            continue
+        found += [
+            (process.info["name"], c.laddr.ip, c.laddr.port) for c in connections if c.status == psutil.CONN_LISTEN
+        ]
+    return found
+
+
 def _listening_ports(driver_pid: int, name: str) -> list[int]:
-    ports = [
-        c.laddr.port
-        for process in psutil.process_iter(["name"])
-        if process.info["name"] == name and os.getpgid(process.pid) == driver_pid
-        for c in process.net_connections("inet")
-        if c.status == psutil.CONN_LISTEN
-    ]
+    ports = [port for process, _, port in _listening(driver_pid) if process == name]
     assert ports, f"no {name} listening"
     return ports
 
@@ -98,7 +109,15 @@ def test_the_embedded_ray_refuses_clients_without_its_token_and_dies_with_its_dr
         token = token_file.read_text().strip()
         assert oct(token_file.stat().st_mode & 0o777) == "0o600"
 
-        # The GCS (listening on every interface) answers only with the token.
+        # Nothing reachable from another machine: the GCS, the raylet, the agents, the
+        # dashboard and the three Prometheus endpoints all listen on loopback.
+        assert info["ip"] == "127.0.0.1"
+        sockets = _listening(driver.pid)
+        assert {"gcs_server", "raylet", "ray::DashboardAgent", "ray::RuntimeEnvAgent"} <= {
+            name for name, *_ in sockets
+        }
+        assert [s for s in sockets if s[1] not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")] == []
+        # Local users still need the token: the GCS answers only with it.
         assert _gcs_status(info["gcs"], None) == "UNAUTHENTICATED"
         assert _gcs_status(info["gcs"], "not-the-token") == "UNAUTHENTICATED"
         assert _gcs_status(info["gcs"], token) == "OK"
