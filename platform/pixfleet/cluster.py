@@ -49,8 +49,8 @@ AGENT_WAIT_S = 60
 
 
 def ensure_ray(address: str | None = None) -> None:
-    """Connect to `address` (or $RAY_ADDRESS), or start an embedded local Ray (its dashboard on
-    127.0.0.1).
+    """Connect to `address` (or $RAY_ADDRESS), or start an embedded local Ray on loopback
+    (`start_local_ray`).
 
     The embedded Ray keeps Ray's token authentication on: Ray generates the token for a local
     cluster (`~/.ray/auth_token`, readable by its owner only) and its own processes use it; a
@@ -89,10 +89,8 @@ def start_local_ray(**options) -> None:
     """
     from ray._private import ray_constants
 
-    variable, before = (
-        ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR,
-        os.environ.get(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR),
-    )
+    variable = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    before = os.environ.get(variable)
     cluster = ray_constants.ENABLE_RAY_CLUSTER  # read when ray was imported: set for this start too
     os.environ[variable], ray_constants.ENABLE_RAY_CLUSTER = "0", False
     try:
