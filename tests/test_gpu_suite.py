@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_the_gpu_suite_runs_every_part_on_tiny_models_and_writes_its_tables(tmp_path):
     out = tmp_path / "suite"
     run = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--tiny", "--out", str(out), "--budget-s", "1"],
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--tiny", "--out", str(out), "--budget-s", "0.3"],
         capture_output=True,
         text=True,
         timeout=400,

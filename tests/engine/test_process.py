@@ -1,5 +1,5 @@
 """The engine process on its own: a call, a call stuck inside one step killed and replaced by
-the spare within a second or so, and the state health checks read meanwhile."""
+the spare at its deadline, and the state health checks read meanwhile."""
 
 from __future__ import annotations
 
@@ -52,7 +52,9 @@ def test_a_call_stuck_in_one_step_is_killed_and_the_spare_takes_over(tiny_dir):
         watcher.join()
 
         assert engine.restarts == 1 and engine.child.popen.pid != stuck_pid
-        assert replaced_after < 3 + 5, replaced_after  # deadline + grace, then the spare loads the model
+        # Deadline and grace are 3 s, the spare takes over at once; the step itself would run for
+        # minutes (about 6 on a 2-core CPU). A loose bound: a loaded machine slows the kill too.
+        assert replaced_after < 60, replaced_after
         assert any(reason and "past its deadline" in reason for reason in seen), seen
         assert engine.unready_reason() is None
         again = engine.generate([row(64, 2)], time.time() + 60, grace_s=1)

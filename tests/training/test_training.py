@@ -144,32 +144,6 @@ def test_ddp_loss_falls_and_the_controlnet_loads_from_folder_and_registry(tiny_d
     ).read_bytes()
 
 
-def test_a_resumed_run_trains_on_the_batches_of_an_uninterrupted_one_with_equal_losses(tiny_dir, train_data, tmp_path):
-    # 32 rows on one worker in batches of 4: 8 steps an epoch, each epoch reshuffled. A run
-    # resumed from step 6 (mid-epoch; the checkpoint a run straight to 10 wrote there) and
-    # trained to 10, across the epoch's end, must see what the straight run saw from step 7 (how
-    # rows are dealt to several ranks: test_data_plan.py; resuming a rerun by `latest`: the SDXL
-    # test; from a diffusers script's checkpoint: below).
-    whole = run_training(
-        train_job(tiny_dir, train_data, tmp_path, "ddp", name="whole", max_train_steps=10, checkpointing_steps=6)
-    )
-    (at_step_6,) = [
-        folder
-        for folder in Path(whole.checkpoint_path).parent.glob("checkpoint_*/")
-        if json.loads((folder / TRAINER_STATE).read_text())["global_step"] == 6
-    ]
-    resume = {"max_train_steps": 10, "resume_from_checkpoint": str(at_step_6)}
-    resumed = run_training(train_job(tiny_dir, train_data, tmp_path, "ddp", name="resumed", **resume))
-
-    expected = metric_history(tmp_path, whole.mlflow_run_id)
-    assert [step for step, _ in expected] == list(range(1, 11))
-    losses = metric_history(tmp_path, resumed.mlflow_run_id)
-    assert [step for step, _ in losses] == [7, 8, 9, 10]
-    np.testing.assert_allclose([v for _, v in losses], [v for _, v in expected[6:]], rtol=1e-5)
-    epochs = metric_history(tmp_path, resumed.mlflow_run_id, "epoch")
-    assert [epoch for _, epoch in epochs] == [0, 0, 1, 1]
-
-
 def script_checkpoint(tiny_dir: Path, folder: Path, steps: int) -> dict[str, torch.Tensor]:
     """A `checkpoint-N/` as the diffusers scripts write it: accelerate's save_state with a save
     hook that puts the ControlNet under controlnet/; the weights after `steps` optimizer steps."""
@@ -236,17 +210,23 @@ def test_a_rerun_without_resume_refuses_to_overwrite_the_old_run(tiny_dir, train
         run_training(train_job(tiny_dir, train_data, tmp_path, "ddp", max_train_steps=4))
 
 
-def test_a_killed_worker_resumes_from_the_last_checkpoint(tiny_dir, train_data, tmp_path):
-    # Long enough to outlast the controller's registration of the first checkpoint (seconds).
-    job = train_job(tiny_dir, train_data, tmp_path, "ddp", max_train_steps=40, checkpointing_steps=4)
+def test_a_killed_worker_resumes_and_a_rerun_from_any_checkpoint_sees_the_same_batches(tiny_dir, train_data, tmp_path):
+    # 32 rows on one worker in batches of 4: 8 steps an epoch, each epoch reshuffled. A worker
+    # killed mid-run restarts from the last checkpoint and replays its steps exactly; a new run
+    # resumed from the step-4 checkpoint (mid-epoch) and trained to 10, across the epoch's end,
+    # sees what the first run saw from step 5, with equal losses (how rows are dealt to several
+    # ranks: test_data_plan.py; resuming a rerun by `latest`: the SDXL test; from a diffusers
+    # script's checkpoint: below). 40 steps outlast the controller's registration of the first
+    # checkpoint (seconds).
+    job = train_job(tiny_dir, train_data, tmp_path, "ddp", name="killed", max_train_steps=40, checkpointing_steps=4)
     job.distributed.max_failures = 1
-    storage = tmp_path / "ray_train" / "run"  # exists once the run has started
+    storage = tmp_path / "ray_train" / "killed"  # exists once the run has started
     killed = []
 
     def kill_a_worker_two_steps_after_the_first_checkpoint():
-        # A checkpoint counts once Ray Train's controller has registered it (its poll is 2 s),
-        # which it records in the run folder's checkpoint manager snapshot; training runs past
-        # it in well under a poll on CPU, so wait for the snapshot and for step 6.
+        # A checkpoint counts once Ray Train's controller has registered it, which it records in
+        # the run folder's checkpoint manager snapshot; training runs past it in well under the
+        # controller's poll on CPU, so wait for the snapshot and for step 6.
         client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
         deadline = time.time() + 240
         while time.time() < deadline:
@@ -268,9 +248,26 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(tiny_dir, train_data, 
 
     assert killed, "no train worker was found to kill"
     assert summary.steps == 40
-    steps = [step for step, _ in metric_history(tmp_path, summary.mlflow_run_id)]
+    history = metric_history(tmp_path, summary.mlflow_run_id)  # a replayed step is logged again
+    steps = [step for step, _ in history]
     assert set(steps) == set(range(1, 41))
     assert steps.count(1) == 1  # restarted from a checkpoint, not from step 0
+    losses: dict[int, float] = {}
+    for step, loss in history:
+        assert losses.setdefault(step, loss) == pytest.approx(loss, rel=1e-5), f"step {step} replayed differently"
+
+    (at_step_4,) = [
+        folder
+        for folder in storage.glob("checkpoint_*/")
+        if json.loads((folder / TRAINER_STATE).read_text())["global_step"] == 4
+    ]
+    resume = {"max_train_steps": 10, "resume_from_checkpoint": str(at_step_4)}
+    resumed = run_training(train_job(tiny_dir, train_data, tmp_path, "ddp", name="resumed", **resume))
+    resumed_losses = metric_history(tmp_path, resumed.mlflow_run_id)
+    assert [step for step, _ in resumed_losses] == list(range(5, 11))
+    np.testing.assert_allclose([v for _, v in resumed_losses], [losses[step] for step in range(5, 11)], rtol=1e-5)
+    epochs = metric_history(tmp_path, resumed.mlflow_run_id, "epoch")
+    assert [epoch for _, epoch in epochs] == [0, 0, 0, 0, 1, 1]
 
 
 def test_a_bad_image_fails_the_run_naming_the_row_and_the_mlflow_run_ends_failed(tiny_dir, train_data, tmp_path):

@@ -120,6 +120,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if args.seed is not None:
             torch.manual_seed(args.seed)  # same ControlNet init on every rank
         parts = load_components(args, device)
+        components_loaded = time.perf_counter() - started
         learning_rate = args.learning_rate
         if args.scale_lr:
             learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * world_size
@@ -161,8 +162,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if tracker:
             if tracker.first_step is None:  # where the start-up went, once
                 say(
-                    f"rank 0 at its first step after {time.perf_counter() - started:.1f} s: models and strategy "
-                    f"{models_ready:.1f} s, meanwhile the data stream (first batch after {batches.first_s:.1f} s)"
+                    f"rank 0 at its first step after {time.perf_counter() - started:.1f} s: models "
+                    f"{components_loaded:.1f} s, strategy {models_ready - components_loaded:.1f} s, meanwhile "
+                    f"the data stream (first batch after {batches.first_s:.1f} s)"
                 )
             tracker.log_metrics(metrics, global_step)
             tracker.print_step(global_step, total_steps, metrics)
