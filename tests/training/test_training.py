@@ -69,6 +69,7 @@ def assert_loss_falls(losses: list[float], window: int = 6) -> None:
 
 def test_ddp_loss_falls_and_the_controlnet_loads_from_folder_and_registry(tiny_dir, train_data, tmp_path):
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+    from ray.util.state import list_actors
 
     from pixfleet.models.tiny import make_tiny_clip
 
@@ -92,6 +93,7 @@ def test_ddp_loss_falls_and_the_controlnet_loads_from_folder_and_registry(tiny_d
 
     # The step count and a loss that falls.
     history = metric_history(tmp_path, summary.mlflow_run_id)
+    assert not list_actors(filters=[("class_name", "=", "PreemptionWatcher")])  # one machine: none to preempt
     assert [step for step, _ in history] == list(range(1, 25))
     assert_loss_falls([loss for _, loss in history])
 
