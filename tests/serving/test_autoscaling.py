@@ -1,13 +1,15 @@
 """Autoscaled serving on the session's Serve: a model at zero replicas answers its first request
 after a cold start, load raises its replicas to the maximum (each replica holds one request:
-four clients keep both busy), idleness takes them back to zero, and no request fails on the way;
-replicas take their engine processes with them, and Ray's metrics endpoint counts it all."""
+four clients keep both busy), the replica removed when the load falls answers the request it
+holds, idleness takes them back to zero, and no request fails on the way; replicas take their
+engine processes with them, and Ray's metrics endpoint counts it all."""
 
 from __future__ import annotations
 
 import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import psutil
@@ -22,9 +24,11 @@ DEPLOYMENT = "model-tiny-controlnet"
 AUTOSCALING = {
     "min_replicas": 0,
     "max_replicas": 2,
-    "target_ongoing_requests": 1,
+    # Each replica runs one request at a time (max_ongoing_requests 1); a target of 2 counts the
+    # queued ones too: four clients call for two replicas, a single request for one.
+    "target_ongoing_requests": 2,
     "upscale_delay_s": 0,
-    "downscale_delay_s": 1,
+    "downscale_delay_s": 5,
     "downscale_to_zero_delay_s": 2,
     "look_back_period_s": 1,
 }
@@ -35,6 +39,16 @@ def running_replicas() -> int:
 
     deployment = serve.status().applications[APP].deployments[DEPLOYMENT]
     return deployment.replica_states.get("RUNNING", 0)
+
+
+def replica_ids() -> set[str]:
+    """The ids of the model's live replicas (their actors are named ...#<deployment>#<id>)."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
+    return {
+        a.name.rsplit("#", 1)[1] for a in actors if a.name and a.name.startswith(f"SERVE_REPLICA::{APP}#{DEPLOYMENT}#")
+    }
 
 
 def engine_processes() -> int:
@@ -76,7 +90,8 @@ def autoscaled(server, tiny_dir):
 
     from pixfleet.serving.app import build_app
 
-    config = serving_config(tiny_dir, server.tracking_uri, 8000, APP)
+    # Long enough for the seconds-long requests that hold a replica while Serve removes it.
+    config = serving_config(tiny_dir, server.tracking_uri, 8000, APP, limits={"request_timeout_s": 60})
     model = config.models[0].model_dump(exclude={"multiplex", "max_pixel_steps", "detectors"})
     model |= {
         "autoscaling": AUTOSCALING,
@@ -98,7 +113,7 @@ def test_replicas_follow_the_load_up_and_down_to_zero_answering_every_request(au
 
     first = httpx.post(f"{url}/v1/generate", json=controlnet_request(0, seed=1), timeout=120)
     assert first.status_code == 200, first.text  # queued through the cold start, not turned away
-    assert running_replicas() == 1
+    assert running_replicas() == 1 and replica_ids() == {first.headers["x-pixfleet-replica"]}
 
     statuses: list[int] = []
     stop = threading.Event()
@@ -114,10 +129,38 @@ def test_replicas_follow_the_load_up_and_down_to_zero_answering_every_request(au
     try:
         wait_for(lambda: running_replicas() == 2, 120, "a second replica under load")
     finally:
-        stop.set()  # each client's request in flight finishes while the replicas drain
+        stop.set()  # each client's request in flight finishes
         for thread in clients:
             thread.join()
     assert statuses and set(statuses) == {200}, statuses
+
+    # Down by one while the replica Serve removes (the newest) holds a request: long request A
+    # takes one replica, short B the other; if B came from the newest, longer C takes it again.
+    # The load has fallen to what one replica holds, and the newest holds a request until after
+    # the downscale delay.
+    (newest,) = replica_ids() - {first.headers["x-pixfleet-replica"]}
+
+    def post(steps: int) -> tuple[httpx.Response, float]:
+        response = httpx.post(f"{url}/v1/generate", json=controlnet_request(0, num_inference_steps=steps), timeout=120)
+        return response, time.monotonic()
+
+    def first_below_two_replicas() -> float:
+        wait_for(lambda: running_replicas() < 2, 90, "a replica stopping")
+        return time.monotonic()
+
+    with ThreadPoolExecutor(3) as pool:
+        a = pool.submit(post, 80)  # seconds
+        time.sleep(0.5)
+        b, _ = post(4)
+        held = pool.submit(post, 160) if b.headers.get("x-pixfleet-replica") == newest else a
+        stopping = pool.submit(first_below_two_replicas)
+        drained, answered_at = held.result()
+        responses = {a.result()[0], b, drained}
+    statuses += [response.status_code for response in responses]
+    assert set(statuses) == {200}, [response.text for response in responses]
+    assert drained.headers["x-pixfleet-replica"] == newest
+    assert stopping.result() < answered_at  # removed while it held the request, which it answered
+    wait_for(lambda: newest not in replica_ids(), 30, "the drained replica gone")
 
     wait_for(lambda: running_replicas() == 0, 60, "back to zero replicas when idle")
     wait_for(lambda: engine_processes() == engines_before, 10, "the removed replicas' engine processes gone")

@@ -36,7 +36,7 @@ class FlakyEngine:
 
 def replica_with(engine: FlakyEngine) -> ModelReplica:
     replica = object.__new__(ModelReplica)  # no Serve, no model: only what `_run` reads
-    replica.engine, replica.stop_grace_s, replica.broken = engine, 1.0, None
+    replica.engine, replica.stop_grace_s, replica.broken, replica.replica = engine, 1.0, None, "r1"
     return replica
 
 

@@ -73,6 +73,7 @@ def test_generation_equals_a_direct_diffusers_call(server, tiny_dir):
     for item, reference in zip(body["data"], expected, strict=True):
         assert_close(decoded(item), reference)
     assert png.headers["content-type"] == "image/png" and png.headers["x-pixfleet-seed"] == "7"
+    assert response.headers["x-pixfleet-replica"] and png.headers["x-pixfleet-replica"]  # who answered
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png.content))), decoded(body["data"][0]))
 
 

@@ -276,10 +276,12 @@ class Ingress:
         pngs = await asyncio.to_thread(lambda: [encode_png(image) for image in result["images"]])
         params = json.loads(row["params"])
         data = [ImageData(b64_json=_b64(png), seed=row["seed"] + k) for k, png in enumerate(pngs)]
+        # Which replica answered: what a user follows a request by in Serve's logs and metrics.
+        headers = {"x-pixfleet-replica": result["replica"]}
         if as_edit:
-            return JSONResponse(EditResponse(created=int(time.time()), data=data).model_dump())
+            return JSONResponse(EditResponse(created=int(time.time()), data=data).model_dump(), headers=headers)
         if request.response_format == "png":
-            headers = {"x-pixfleet-seed": str(row["seed"]), "x-pixfleet-batch-size": str(result["batch_size"])}
+            headers |= {"x-pixfleet-seed": str(row["seed"]), "x-pixfleet-batch-size": str(result["batch_size"])}
             return Response(pngs[0], media_type="image/png", headers=headers)
         body = GenerateResponse(
             created=int(time.time()),
@@ -290,7 +292,7 @@ class Ingress:
             batch_size=result["batch_size"],
             generate_s=result["generate_s"],
         )
-        return JSONResponse(body.model_dump())
+        return JSONResponse(body.model_dump(), headers=headers)
 
     def _controlnet_version(self, served: ServedModelConfig, controlnet: str | None) -> str | None:
         """NAME@ALIAS or NAME/VERSION -> NAME/VERSION, checked against the registry (404 if absent).

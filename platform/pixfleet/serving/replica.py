@@ -43,6 +43,7 @@ class ModelReplica:
     def __init__(self, served: ServedModelConfig, tracking_uri: str, stop_grace_s: float):
         start = time.perf_counter()
         self.served = served
+        self.replica = serve.get_replica_context().replica_id.unique_id  # named in each response
         self.tracking_uri = tracking_uri
         self.stop_grace_s = stop_grace_s
         lru_size = served.multiplex.max_models_per_replica if served.multiplex else 0
@@ -146,6 +147,11 @@ class ModelReplica:
             return [{"error": status, "message": str(error)}] * len(rows)
         seconds = time.perf_counter() - start
         return [
-            {"images": images[i * n : (i + 1) * n], "batch_size": len(rows), "generate_s": seconds}
+            {
+                "images": images[i * n : (i + 1) * n],
+                "batch_size": len(rows),
+                "generate_s": seconds,
+                "replica": self.replica,
+            }
             for i in range(len(rows))
         ]
