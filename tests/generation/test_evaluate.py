@@ -90,11 +90,17 @@ def test_evaluation_settings_that_cannot_work_are_refused(tiny_dir, fill50k_dir,
         tiny_job(tiny_dir, "controlnet", fill50k_dir, tmp_path, evaluate={"control": [pidinet]})
 
 
-def _blank_maps(fill50k_dir, out):
-    """fill50k with every control map black: the ControlNet gets no edges to follow."""
+def _with_blank_maps(fill50k_dir, out):
+    """fill50k's rows, then each again with its control map black: no edges to follow."""
     shutil.copytree(fill50k_dir, out)
-    for path in (out / "conditioning_images").glob("*.png"):
-        Image.new("RGB", Image.open(path).size).save(path)
+    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    blanks = []
+    for row in rows:
+        control = out / row["conditioning_image_file_name"]
+        blank = control.with_name(f"blank-{control.name}")
+        Image.new("RGB", Image.open(control).size).save(blank)
+        blanks.append(row | {"conditioning_image_file_name": str(blank.relative_to(out))})
+    (out / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows + blanks))
     return out
 
 
@@ -103,31 +109,29 @@ def test_a_job_scores_every_image_and_controllability_moves_with_the_control(
     tiny_dir, fill50k_dir, clip_model, tmp_path
 ):
     evaluate = {"control": [{"detector": "canny"}], "clip_model": clip_model}
-    summaries = {}
-    for name, data in (("true", fill50k_dir), ("blank", _blank_maps(fill50k_dir, tmp_path / "blank"))):
-        job = tiny_job(tiny_dir, "controlnet", data, tmp_path / name, evaluate=evaluate)
-        summaries[name] = run_generation(job)
+    data = _with_blank_maps(fill50k_dir, tmp_path / "data")
+    summary = run_generation(tiny_job(tiny_dir, "controlnet", data, tmp_path / "out", evaluate=evaluate))
 
-    manifest = pd.read_parquet(tmp_path / "true" / "manifest.parquet")
-    assert len(manifest) == 16 and (manifest[C.STATUS] == C.OK).all()
-    scores = np.stack(manifest[C.CONTROL_SCORES].to_numpy())
-    assert scores.shape == (16, 1) and ((scores >= 0) & (scores <= 1)).all()
-    assert manifest[C.CONTROL_METRICS].map(list).tolist() == [["edge_f1"]] * 16
-    assert manifest[C.CLIP_SCORE].between(0, 100).all() and manifest[C.CLIP_IMAGE_SIMILARITY].isna().all()
-
-    true, blank = (summaries[name].scores["control_0.edge_f1"] for name in ("true", "blank"))
+    manifest = pd.read_parquet(tmp_path / "out" / "manifest.parquet")
     # Rows alike in prompt and (black) map share their id: the manifest holds each once.
-    assert true["count"] == 16 and blank["count"] == len(pd.read_parquet(tmp_path / "blank" / "manifest.parquet"))
-    assert true["mean"] == pytest.approx(scores.mean())
+    blank = manifest[C.INPUT_FILES].map(lambda files: any("/blank-" in path for path in files))
+    assert blank.sum() == len(set(manifest.loc[blank, C.PROMPT])) and (~blank).sum() == 16
+    assert (manifest[C.STATUS] == C.OK).all()
+    scores = np.stack(manifest[C.CONTROL_SCORES].to_numpy())
+    assert scores.shape == (len(manifest), 1) and ((scores >= 0) & (scores <= 1)).all()
+    assert manifest[C.CONTROL_METRICS].map(list).tolist() == [["edge_f1"]] * len(manifest)
+    assert manifest[C.CLIP_SCORE].between(0, 100).all() and manifest[C.CLIP_IMAGE_SIMILARITY].isna().all()
     # Against black maps no image's edges score; against the circles some do (a random tiny
     # ControlNet barely follows them: F1 0.005 where it does).
-    assert blank["p95"] == 0.0 < true["mean"] and true["p95"] > 0
+    assert (scores[blank.to_numpy()] == 0).all() and scores[~blank.to_numpy()].max() > 0
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'true'}/mlflow.db")
-    run = mlflow.get_run(summaries["true"].mlflow_run_id)
-    assert run.data.metrics["control_0.edge_f1.mean"] == pytest.approx(true["mean"])
-    assert run.data.metrics["clip_score.count"] == 16
-    assert "control_0.edge_f1: mean" in summaries["true"].render()
+    figures = summary.scores["control_0.edge_f1"]
+    assert figures["count"] == len(manifest) and figures["mean"] == pytest.approx(scores.mean())
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'out'}/mlflow.db")
+    run = mlflow.get_run(summary.mlflow_run_id)
+    assert run.data.metrics["control_0.edge_f1.mean"] == pytest.approx(figures["mean"])
+    assert run.data.metrics["clip_score.count"] == len(manifest)
+    assert "control_0.edge_f1: mean" in summary.render()
     assert json.loads(run.data.params["evaluate.control"])[0]["detector"] == "canny"
 
 
