@@ -28,7 +28,7 @@ AUTOSCALING = {
     # queued ones too: four clients call for two replicas, a single request for one.
     "target_ongoing_requests": 2,
     "upscale_delay_s": 0,
-    "downscale_delay_s": 5,
+    "downscale_delay_s": 3,
     "downscale_to_zero_delay_s": 2,
     "look_back_period_s": 1,
 }
@@ -134,31 +134,28 @@ def test_replicas_follow_the_load_up_and_down_to_zero_answering_every_request(au
             thread.join()
     assert statuses and set(statuses) == {200}, statuses
 
-    # Down by one while the replica Serve removes (the newest) holds a request: long request A
-    # takes one replica, short B the other; if B came from the newest, longer C takes it again.
-    # The load has fallen to what one replica holds, and the newest holds a request until after
-    # the downscale delay.
+    # Down by one while the replica Serve removes (the newest) holds a request: two long requests
+    # take one replica each; two requests call for one replica, so Serve stops the newest while
+    # it runs its request.
     (newest,) = replica_ids() - {first.headers["x-pixfleet-replica"]}
 
-    def post(steps: int) -> tuple[httpx.Response, float]:
-        response = httpx.post(f"{url}/v1/generate", json=controlnet_request(0, num_inference_steps=steps), timeout=120)
-        return response, time.monotonic()
+    def post(seed: int) -> tuple[httpx.Response, float]:
+        body = controlnet_request(seed, num_inference_steps=100)  # seconds, past the downscale delay
+        return httpx.post(f"{url}/v1/generate", json=body, timeout=120), time.monotonic()
 
     def first_below_two_replicas() -> float:
         wait_for(lambda: running_replicas() < 2, 90, "a replica stopping")
         return time.monotonic()
 
     with ThreadPoolExecutor(3) as pool:
-        a = pool.submit(post, 80)  # seconds
-        time.sleep(0.5)
-        b, _ = post(4)
-        held = pool.submit(post, 160) if b.headers.get("x-pixfleet-replica") == newest else a
+        held = [pool.submit(post, seed) for seed in (1, 2)]
         stopping = pool.submit(first_below_two_replicas)
-        drained, answered_at = held.result()
-        responses = {a.result()[0], b, drained}
-    statuses += [response.status_code for response in responses]
-    assert set(statuses) == {200}, [response.text for response in responses]
-    assert drained.headers["x-pixfleet-replica"] == newest
+        answers = [future.result() for future in held]
+    statuses += [response.status_code for response, _ in answers]
+    assert set(statuses) == {200}, [response.text for response, _ in answers]
+    oldest = first.headers["x-pixfleet-replica"]
+    assert sorted(response.headers["x-pixfleet-replica"] for response, _ in answers) == sorted([oldest, newest])
+    (answered_at,) = [at for response, at in answers if response.headers["x-pixfleet-replica"] == newest]
     assert stopping.result() < answered_at  # removed while it held the request, which it answered
     wait_for(lambda: newest not in replica_ids(), 30, "the drained replica gone")
 
