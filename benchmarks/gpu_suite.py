@@ -79,7 +79,7 @@ TINY_CASES = [
 ]
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for models and results")
     parser.add_argument("--models", type=Path, help="folder for the built models (default: OUT/models)")
@@ -90,7 +90,7 @@ def parse_args() -> argparse.Namespace:
         "--compile", action=argparse.BooleanOptionalAction, help="torch.compile on the fast path (default: not tiny)"
     )
     parser.add_argument("--no-ray", action="store_true", help="skip `pixfleet generate` even where Ray imports")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.budget_s = args.budget_s or (3.0 if args.tiny else 25.0)
     args.models = args.models or args.out / "models"
     args.compile = (not args.tiny) if args.compile is None else args.compile
@@ -279,10 +279,12 @@ def ray_job_rate(args, case: GenerationCase, folder: Path, batch: int) -> dict[s
             "max_failed_fraction": 0.0,
         }
     )
+    own_ray = not ray.is_initialized()  # a caller's Ray (the test suite's) stays up
     ensure_ray()
     start = time.time()
     summary = run_generation(job)
-    ray.shutdown()
+    if own_ray:
+        ray.shutdown()
     written = sorted(p.stat().st_mtime for p in (work / "out" / "images").glob("*.png"))
     result = {
         "end_to_end_images_per_s": summary.images_ok / summary.seconds,
@@ -435,8 +437,8 @@ def _free() -> None:
         torch.cuda.empty_cache()
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     args.last_engine_rate = 1.0
     results = Results(args.out, environment(args.tiny))

@@ -1,27 +1,26 @@
-"""The one-shot GPU suite, run as `--tiny` on this CPU so it cannot rot between GPU sessions."""
+"""The one-shot GPU suite, run as `--tiny` on this CPU so it cannot rot between GPU sessions.
+
+It runs in the test's process on the session's Ray, as it runs on a GPU machine with its own:
+the same `main`, without a second interpreter importing torch and diffusers and starting Ray.
+"""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks import gpu_suite
 
 
 @pytest.mark.timeout(420)
+@pytest.mark.usefixtures("ray_session")
 def test_the_gpu_suite_runs_every_part_on_tiny_models_and_writes_its_tables(tmp_path):
+    import ray
+
     out = tmp_path / "suite"
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--tiny", "--out", str(out), "--budget-s", "0.3"],
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
+    gpu_suite.main(["--tiny", "--out", str(out), "--budget-s", "0.3"])
+    assert ray.is_initialized()  # the suite's Ray job left the caller's Ray up
     results = json.loads((out / "results.json").read_text())
     rows = {(row["part"], row["variant"]): row for row in results["rows"]}
     assert not [key for key in rows if key[1] == "failed"], [row for row in results["rows"] if "error" in row]
