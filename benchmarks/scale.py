@@ -88,10 +88,6 @@ class PeakRss:
     def grew_mib(self) -> float:
         return (self.peak - self.start) / 2**20
 
-    @property
-    def peak_mib(self) -> float:
-        return self.peak / 2**20
-
 
 def make_pool(folder: Path) -> list[str]:
     rng = np.random.default_rng(0)

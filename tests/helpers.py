@@ -115,11 +115,6 @@ def call_tiny(pipe, task: str, prompts: list[str], seeds: list[int], size=(64, 6
     return direct_call(pipe, task, prompts, seeds, controls, sources, masks, size, **params)
 
 
-def odd_image(seed: int, size: tuple[int, int], mode: str = "RGB") -> Image.Image:
-    """Seeded noise of (width, height) in `mode` (as users bring: L, RGBA, P, CMYK...)."""
-    return random_image(seed, size).convert(mode)
-
-
 def tiny_job(tiny_dir: Path, task: str, source_path: Path | str, output_dir: Path, new_store=False, **sections):
     """A GenerationJobConfig over the tiny `task` pipeline: 32 px, 2 steps, MLflow in output_dir
     (an existing store there, or with `new_store` one the job creates)."""

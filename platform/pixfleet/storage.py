@@ -107,12 +107,6 @@ class Location:
             return Location.of(reference)
         return self / reference
 
-    def local_path(self) -> Path:
-        """The path of a local Location, for libraries that take only paths."""
-        if not self.is_local:
-            raise StorageError(f"{self.uri}: not on local disk")
-        return Path(self.path)
-
     # Questions
 
     def info(self) -> pafs.FileInfo:
@@ -246,14 +240,6 @@ class Location:
         except OSError as error:
             if "NotFound" not in str(error) and "NO_SUCH_KEY" not in str(error):
                 raise StorageError(f"{self.uri}: cannot delete ({reason(error)})") from None
-
-    def delete_folder(self) -> None:
-        try:
-            self.fs.delete_dir(self.path)
-        except FileNotFoundError:
-            pass
-        except OSError as error:
-            raise StorageError(f"{self.uri}: cannot delete ({reason(error)})") from None
 
     def make_folder(self) -> None:
         """A local folder (and its parents); object stores have no folders to make."""

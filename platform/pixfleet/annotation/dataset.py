@@ -156,7 +156,6 @@ class MergeResult:
 
     rows: int = 0
     kept: int = 0
-    parts_merged: int = 0
     samples: list[tuple[str, str]] = field(default_factory=list)  # (image, control map) URIs
 
 
@@ -183,5 +182,4 @@ def merge_records(root: Location) -> MergeResult:
         (root / METADATA).put_file(metadata)
     for part in parts:
         part.delete()
-        result.parts_merged += 1
     return result

@@ -37,7 +37,6 @@ from pixfleet.engine.images import one_line
 from pixfleet.storage import Location, StorageError
 
 MANIFEST_SUFFIXES = (".jsonl", ".csv", ".parquet")
-FORMATS = {".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
 JSONL_CHUNK_BYTES = 4 << 20  # a read task's share of a JSON-lines file
 SAMPLE_BYTES = 1 << 20  # what the driver reads of a JSONL or CSV table to learn its columns
 LISTING_THREADS = 16  # footers and line counts of many files, read at once

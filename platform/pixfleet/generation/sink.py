@@ -171,7 +171,6 @@ class MergeResult:
     rows: int = 0
     ok: int = 0
     failed: int = 0
-    parts_merged: int = 0
     sample_outputs: list[str] = field(default_factory=list)
     scores: dict[str, dict[str, float]] = field(default_factory=dict)  # ScoreTally.summary of the records
 
@@ -241,7 +240,6 @@ class Manifest:
         result.scores = scores.summary()
         for part in files[1:] if files[0] == self.merged else files:
             part.delete()
-            result.parts_merged += 1
         return result
 
 
