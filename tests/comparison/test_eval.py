@@ -130,7 +130,7 @@ def _diverged(tiny_dir, out):
 
 
 @pytest.mark.usefixtures("ray_session")
-def test_eval_promotes_the_better_challenger_and_refuses_the_worse_recording_why(tiny_dir, fill50k_dir, tmp_path):
+def test_eval_promotes_the_better_challenger_recording_why(tiny_dir, fill50k_dir, tmp_path):
     import mlflow
 
     from pixfleet.comparison.job import run_eval
@@ -164,7 +164,7 @@ def test_eval_promotes_the_better_challenger_and_refuses_the_worse_recording_why
         )
 
     client = mlflow.MlflowClient(registry)
-    first = run_eval(eval_job("first"), promote="champion")
+    first = run_eval(eval_job("first"), promote="champion")  # the refusal: apply_decision below
 
     assert first.report.decision.promote and first.promoted == "canny/2 is now champion"
     assert int(client.get_model_version_by_alias("canny", "champion").version) == 2
@@ -188,16 +188,35 @@ def test_eval_promotes_the_better_challenger_and_refuses_the_worse_recording_why
     )
     assert sorted(children["tags.mlflow.runName"]) == ["first/challenger", "first/champion"]
 
-    register_controlnet(diverged, "canny", registry, tmp_path / "artifacts", alias="challenger")  # v3
-    second = run_eval(eval_job("second"), promote="champion")
 
-    assert not second.report.decision.promote and second.promoted is None
-    assert int(client.get_model_version_by_alias("canny", "champion").version) == 2
-    assert int(client.get_model_version_by_alias("canny", "challenger").version) == 3
-    tags = client.get_model_version("canny", "3").tags
-    assert tags["pixfleet.eval.decision"] == "refused"
+def test_a_refused_challenger_is_tagged_with_why_and_the_alias_stays(tiny_dir, tmp_path):
+    """What `run_eval --promote` does with a decision to refuse (the run above promotes): the
+    challenger's version and the eval's run say why, and the alias stays where it was."""
+    import mlflow
+
+    from pixfleet.comparison.job import apply_decision
+    from pixfleet.comparison.report import Report
+
+    registry = tracking_uri(tmp_path)
+    controlnet = tiny_dir / "controlnet" / "controlnet"
+    for alias in ("champion", "challenger"):  # v1, v2
+        register_controlnet(controlnet, "canny", registry, tmp_path / "artifacts", alias=alias)
+    champion, challenger = _frames(BASE, BASE - 0.05)
+    decision = decide(PromotionConfig(primary="control_0.edge_f1"), champion, challenger, 1000)
+    f1 = bootstrap_mean(challenger["control_0.edge_f1"].to_numpy(), 1000)
+    report = Report("champion", {"challenger": {"control_0.edge_f1": f1}}, {}, decision)
+
+    mlflow.set_tracking_uri(registry)
+    with mlflow.start_run() as run:
+        moved = apply_decision(report, "challenger", ("canny", "2"), "champion", registry, run.info.run_id, mlflow)
+
+    client = mlflow.MlflowClient(registry)
+    assert moved is None and int(client.get_model_version_by_alias("canny", "champion").version) == 1
+    tags = client.get_model_version("canny", "2").tags
+    assert tags["pixfleet.eval.decision"] == "refused" and tags["pixfleet.eval.run_id"] == run.info.run_id
     assert "worse than the champion's" in tags["pixfleet.eval.reason"]
-    assert mlflow.get_run(second.mlflow_run_id).data.tags["pixfleet.eval.decision"] == "refused"
+    assert tags["pixfleet.eval.control_0.edge_f1"] == str(f1)
+    assert mlflow.get_run(run.info.run_id).data.tags["pixfleet.eval.decision"] == "refused"
 
 
 def test_the_eval_job_entrypoint_takes_promote_as_the_command_does(tmp_path):

@@ -72,7 +72,9 @@ def run_eval(job: EvalJobConfig, address: str | None = None, ray_progress: bool 
             _log(mlflow, report, root)
         if challenger:
             measured = job.promotion.challenger
-            summary.promoted = _apply(report, measured, challenger, promote, registry, summary.mlflow_run_id, mlflow)
+            summary.promoted = apply_decision(
+                report, measured, challenger, promote, registry, summary.mlflow_run_id, mlflow
+            )
     return summary
 
 
@@ -126,7 +128,7 @@ def _log(mlflow, report: Report, root: Location) -> None:
     mlflow.set_tag("comparison", (root / REPORT_MD).uri)
 
 
-def _apply(
+def apply_decision(
     report: Report,
     measured: str,
     version: tuple[str, str],
