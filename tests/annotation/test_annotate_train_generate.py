@@ -5,7 +5,6 @@ and the same detector."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -109,5 +108,13 @@ def test_photos_to_training_set_to_controlnet_to_images(tiny_dir, tmp_path):
     manifest = pd.read_parquet(tmp_path / "generated" / "manifest.parquet")
     assert all("depth-controlnet@challenger" in model for model in manifest["model"])
     for row in manifest.to_dict("records"):
-        assert np.asarray(Image.open(row[C.OUTPUT_PATH])).shape == (32, 32, 3)
-        assert Path(row[C.CONTROL_MAPS][0]).exists()
+        image = Image.open(row[C.OUTPUT_PATH])
+        assert np.asarray(image).shape == (32, 32, 3)
+        assert np.asarray(Image.open(row[C.CONTROL_MAPS][0])).shape == (32, 32, 3)
+        # The detector's settings, as sd-webui-controlnet records them (the maps themselves equal
+        # the depth pipeline's: tests/generation/test_detectors.py).
+        assert (
+            '"Module: depth, ' in image.info["parameters"]
+            and ", Preprocessor model: tiny-dpt, " in image.info["parameters"]
+        )
+        assert json.loads(row["control_preprocessing"]) == [{"Module": "depth", "Preprocessor model": depth}]

@@ -1,9 +1,8 @@
-"""Model detectors (depth, segmentation): the map equals the model's direct call, in the stage
-and the job."""
+"""Model detectors (depth, segmentation): the map equals the model's direct call, in the
+detector and in the job's stage (a job with a depth detector, end to end: the photos-to-images
+loop in tests/annotation)."""
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pandas as pd
@@ -132,25 +131,6 @@ def test_the_detect_stage_makes_the_maps_and_fails_only_rows_the_detector_refuse
     assert list(out[C.STATUS]) == [C.OK, C.FAILED, C.OK]
     assert out.at[1, C.ERROR].startswith("depth detector: ")
     assert_same_map(out.at[2, "control_image_0"], pipeline_depth(depth_model, images[2]))
-
-
-@pytest.mark.usefixtures("ray_session")
-def test_a_job_with_a_depth_detector_writes_its_maps_and_images(tiny_dir, depth_model, tmp_path):
-    from pixfleet.data.fill50k import make_fill50k
-    from pixfleet.generation.job import run_generation
-
-    data = make_fill50k(tmp_path / "data", n=4, size=64, seed=3)
-    job = _depth_job(tiny_dir, depth_model, tmp_path, source={"path": str(data)}, sink={"save_control_maps": True})
-    summary = run_generation(job)
-    assert summary.images_ok == 4 and summary.rows_failed == 0
-    manifest = pd.read_parquet(tmp_path / "out" / "manifest.parquet")
-    for row in manifest.to_dict("records"):
-        source = np.asarray(Image.open(data / row[C.INPUT_FILES][0]).convert("RGB"))  # 64 px: fitting keeps it
-        saved = np.asarray(Image.open(tmp_path / "out" / "control_maps" / f"{row[C.ROW_ID]}_0.png"))
-        assert_same_map(saved, pipeline_depth(depth_model, source))
-        text = Image.open(row[C.OUTPUT_PATH]).info["parameters"]
-        assert '"Module: depth, ' in text and ", Preprocessor model: tiny-dpt, " in text
-        assert json.loads(row["control_preprocessing"]) == [{"Module": "depth", "Preprocessor model": depth_model}]
 
 
 def test_a_depth_detector_needs_a_model_and_serving_holds_it_for_requests(tiny_dir, depth_model):
