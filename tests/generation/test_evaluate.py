@@ -152,10 +152,14 @@ def test_an_edit_job_scores_each_edit_against_its_input_and_its_captions(tiny_di
     captions = {"input_caption_column": "before", "edited_caption_column": "after"}
     evaluate = {"controllability": False, "clip_model": clip_model, **captions}
 
-    summary = run_generation(tiny_job(tiny_dir, "pix2pix", manifest_path, tmp_path / "out", evaluate=evaluate))
+    # SDXL's InstructPix2Pix as a job: its A1111 text carries the image guidance too.
+    job = tiny_job(tiny_dir, "sdxl_pix2pix", manifest_path, tmp_path / "out", evaluate=evaluate)
+    summary = run_generation(job)
 
     manifest = pd.read_parquet(tmp_path / "out" / "manifest.parquet")
     assert len(manifest) == 4 and (manifest[C.STATUS] == C.OK).all()
+    image = Image.open(manifest[C.OUTPUT_PATH][0])
+    assert image.size == (32, 32) and "Image CFG scale: 1.5" in image.info["parameters"]
     for column in (C.CLIP_IMAGE_SIMILARITY, C.CLIP_DIRECTIONAL_SIMILARITY):
         assert manifest[column].between(-1, 1).all() and manifest[column].nunique() == 4
     assert manifest[C.CONTROL_SCORES].isna().all()
@@ -163,4 +167,4 @@ def test_an_edit_job_scores_each_edit_against_its_input_and_its_captions(tiny_di
 
     missing = {"input_caption_column": "before", "edited_caption_column": "after_edit"}
     with pytest.raises(ConfigError, match=r"after_edit"):
-        run_generation(tiny_job(tiny_dir, "pix2pix", manifest_path, tmp_path / "o2", evaluate=evaluate | missing))
+        run_generation(tiny_job(tiny_dir, "sdxl_pix2pix", manifest_path, tmp_path / "o2", evaluate=evaluate | missing))

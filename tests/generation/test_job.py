@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 
 import mlflow
@@ -141,18 +140,6 @@ def test_a_source_that_cannot_work_fails_before_any_work(tiny_dir, fill50k_dir, 
     with pytest.raises(ModelLoadError, match=r"no model_index\.json"):
         run_generation(broken)
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o3").exists()
-
-
-def test_pix2pix_over_a_folder_of_images(tiny_dir, fill50k_dir, tmp_path):
-    out = tmp_path / "out"
-    job = tiny_job(
-        tiny_dir, "sdxl_pix2pix", fill50k_dir / "images", out, params={"prompt": "make it snow"}, source={"limit": 4}
-    )
-    summary = run_generation(job)
-    assert summary.images_ok == 4
-    image = Image.open(io.BytesIO((next((out / "images").iterdir())).read_bytes()))
-    assert image.size == (32, 32)
-    assert "Image CFG scale: 1.5" in image.info["parameters"]
 
 
 def test_every_failed_input_keeps_its_own_manifest_row_and_reason(tiny_dir, tmp_path):

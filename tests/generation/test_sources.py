@@ -108,13 +108,14 @@ def test_webdataset_shards(tmp_path):
     assert list(table[C.control_column(0)]) == [r["edge"] for r in ROWS]
 
 
-def test_folder_of_images_uses_each_image_as_control(tmp_path):
+def test_folder_of_images_uses_each_image_as_control_or_as_the_image_to_edit(tmp_path):
     _files_and_table(tmp_path / "imgs")
     config = SourceConfig(path=str(tmp_path / "imgs"))
-    opened = open_source(config, "controlnet", num_controlnets=1, rows_per_block=2)
-    table = pd.DataFrame(opened.dataset.take_all()).sort_values(C.SOURCE_REF).reset_index(drop=True)
-    assert list(table[C.control_column(0)]) == [r["edge"] for r in ROWS]
-    assert set(table[C.ROW_ID]) == {""}  # hashed from content later, once parameters are resolved
+    for task, controlnets, column in (("controlnet", 1, C.control_column(0)), ("pix2pix", 0, C.SOURCE_IMAGE)):
+        opened = open_source(config, task, num_controlnets=controlnets, rows_per_block=2)
+        table = pd.DataFrame(opened.dataset.take_all()).sort_values(C.SOURCE_REF).reset_index(drop=True)
+        assert list(table[column]) == [r["edge"] for r in ROWS]
+        assert set(table[C.ROW_ID]) == {""}  # hashed from content later, once parameters are resolved
 
 
 def test_a_manifest_missing_a_column_names_it(tmp_path):
