@@ -113,8 +113,6 @@ def test_photos_to_training_set_to_controlnet_to_images(tiny_dir, tmp_path):
         assert np.asarray(Image.open(row[C.CONTROL_MAPS][0])).shape == (32, 32, 3)
         # The detector's settings, as sd-webui-controlnet records them (the maps themselves equal
         # the depth pipeline's: tests/generation/test_detectors.py).
-        assert (
-            '"Module: depth, ' in image.info["parameters"]
-            and ", Preprocessor model: tiny-dpt, " in image.info["parameters"]
-        )
+        text = image.info["parameters"]
+        assert '"Module: depth, ' in text and ", Preprocessor model: tiny-dpt, " in text
         assert json.loads(row["control_preprocessing"]) == [{"Module": "depth", "Preprocessor model": depth}]
