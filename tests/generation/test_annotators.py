@@ -14,7 +14,8 @@ from PIL import Image
 from pydantic import ValidationError
 
 from pixfleet.config import ControlPreprocessConfig
-from pixfleet.engine.detectors import load_detector
+from pixfleet.engine import lockstep
+from pixfleet.engine.detectors import AnnotatorDetector, load_detector
 from pixfleet.engine.preprocess import detect
 from pixfleet.models.annotators import ANNOTATORS, make_random_annotator
 from tests.helpers import random_image
@@ -81,6 +82,26 @@ def test_each_annotator_map_equals_controlnet_aux_own_call(annotators, detector)
     np.testing.assert_array_equal(maps[0], expected)  # sides of 64: the annotator's map needs no resize
     if detector not in ("openpose", "mlsd", "scribble_hed"):  # random weights find no pose, line or stroke
         assert maps[0].std() > 0
+
+
+@pytest.mark.parametrize("detector", list(CASES))
+def test_each_annotator_batched_as_on_a_gpu_makes_the_maps_of_its_one_by_one_calls(annotators, detector, monkeypatch):
+    """On a GPU a batch's calls run side by side, their forwards batched; here on the CPU, where
+    pixfleet does not batch them by itself, the same code against the calls one by one."""
+    batches = []
+    run_together = lockstep._run_together
+    monkeypatch.setattr(lockstep, "_run_together", lambda group: (batches.append(len(group)), run_together(group)))
+    settings, _ = CASES[detector]
+    control = ControlPreprocessConfig(detector=detector, model=str(annotators), detect_resolution=128, **settings)
+    images = [np.asarray(random_image(seed, size)) for seed, size in ((1, (128, 64)), (3, (128, 64)), (2, (80, 48)))]
+    one_by_one = AnnotatorDetector(control, CPU)
+    assert one_by_one.lockstep is None
+    batched = AnnotatorDetector(control, CPU, batch_forwards=True)
+    for alone, together in zip(one_by_one(images), batched(images), strict=True):
+        assert together.shape == alone.shape and together.dtype == np.uint8
+        apart = np.abs(together.astype(int) - alone.astype(int))
+        assert apart.max() <= 1 and (apart > 0).mean() < 1e-3  # a batch moves float rounding at most
+    assert max(batches) >= 2  # the two 128x64 images went through the network together
 
 
 def test_shuffle_is_controlnet_aux_content_shuffle_seeded_by_the_image_and_tile_downsamples():

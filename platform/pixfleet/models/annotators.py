@@ -54,10 +54,12 @@ def _drop_first_part(key: str) -> str:  # openpose's files: keys without the mod
 
 @dataclass(frozen=True)
 class WeightFile:
-    """One checkpoint file: its name, the module it loads into, how the file spells the keys
-    (`file_key` of each module key) and whether the state dict sits under a key of its own."""
+    """One checkpoint file: its name, the detector's attribute holding the network it loads
+    into (a dotted path), that network's module, how the file spells the keys (`file_key` of
+    each module key) and whether the state dict sits under a key of its own."""
 
     name: str
+    network: str
     module: Callable[[], Any]
     file_key: Callable[[str], str] = _identity
     wrapper: str | None = None
@@ -174,32 +176,34 @@ def _normal_bae() -> Any:
     return NNET(args)
 
 
-_HED = Annotator("controlnet_aux.hed:HEDdetector", (WeightFile("ControlNetHED.pth", _hed),))
+_HED = Annotator("controlnet_aux.hed:HEDdetector", (WeightFile("ControlNetHED.pth", "netNetwork", _hed),))
 ANNOTATORS: dict[str, Annotator] = {
     "lineart": Annotator(
         "controlnet_aux.lineart:LineartDetector",
-        (WeightFile("sk_model.pth", _lineart), WeightFile("sk_model2.pth", _lineart)),
+        (WeightFile("sk_model.pth", "model", _lineart), WeightFile("sk_model2.pth", "model_coarse", _lineart)),
     ),
     "lineart_anime": Annotator(
-        "controlnet_aux.lineart_anime:LineartAnimeDetector", (WeightFile("netG.pth", _lineart_anime, _module_prefix),)
+        "controlnet_aux.lineart_anime:LineartAnimeDetector",
+        (WeightFile("netG.pth", "model", _lineart_anime, _module_prefix),),
     ),
     "softedge_hed": _HED,
     "scribble_hed": _HED,
     "softedge_pidinet": Annotator(
         "controlnet_aux.pidi:PidiNetDetector",
-        (WeightFile("table5_pidinet.pth", _pidinet, _module_prefix, wrapper="state_dict"),),
+        (WeightFile("table5_pidinet.pth", "netNetwork", _pidinet, _module_prefix, wrapper="state_dict"),),
     ),
-    "mlsd": Annotator("controlnet_aux.mlsd:MLSDdetector", (WeightFile("mlsd_large_512_fp32.pth", _mlsd),)),
+    "mlsd": Annotator("controlnet_aux.mlsd:MLSDdetector", (WeightFile("mlsd_large_512_fp32.pth", "model", _mlsd),)),
     "openpose": Annotator(
         "controlnet_aux.open_pose:OpenposeDetector",
         (
-            WeightFile("body_pose_model.pth", _body, _drop_first_part),
-            WeightFile("hand_pose_model.pth", _hand, _drop_first_part),
-            WeightFile("facenet.pth", _face),
+            WeightFile("body_pose_model.pth", "body_estimation.model", _body, _drop_first_part),
+            WeightFile("hand_pose_model.pth", "hand_estimation.model", _hand, _drop_first_part),
+            WeightFile("facenet.pth", "face_estimation.model", _face),
         ),
     ),
     "normal_bae": Annotator(
-        "controlnet_aux.normalbae:NormalBaeDetector", (WeightFile("scannet.pt", _normal_bae, wrapper="model"),)
+        "controlnet_aux.normalbae:NormalBaeDetector",
+        (WeightFile("scannet.pt", "model", _normal_bae, wrapper="model"),),
     ),
 }
 
