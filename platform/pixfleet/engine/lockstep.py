@@ -68,8 +68,8 @@ class Lockstep:
         if len(items) < 2:
             return [call(item) for item in items]
         with self._one_map_at_a_time, ThreadPoolExecutor(len(items), thread_name_prefix="lockstep") as pool:
-            # Counted as running before any starts, so no round goes before every call has had its turn.
-            self._calls_running = len(items)
+            with self._condition:  # counted before any starts: no round goes before every call has had its turn
+                self._calls_running = len(items)
             futures = [pool.submit(self._member_call, call, item) for item in items]
             return [future.result() for future in futures]
 
