@@ -63,8 +63,8 @@ class Lockstep:
         return _BatchedNetwork(network, self)
 
     def map(self, call: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
-        """`call(item)` for each item, in order; the first error raised is raised again once
-        every call has returned."""
+        """`call(item)` for each item, in order. When calls raise, the first failed item's error
+        is raised, after every call has returned."""
         if len(items) < 2:
             return [call(item) for item in items]
         with self._one_map_at_a_time, ThreadPoolExecutor(len(items), thread_name_prefix="lockstep") as pool:
@@ -101,13 +101,9 @@ class Lockstep:
         if not self._waiting or len(self._waiting) < self._calls_running:
             return
         requests, self._waiting = self._waiting, []
-        groups: dict[tuple, list[_Forward]] = defaultdict(list)
+        groups: dict[tuple | int, list[_Forward]] = defaultdict(list)
         for request in requests:
-            key = request.batch_key()
-            if key is None:
-                request.run_alone()
-            else:
-                groups[key].append(request)
+            groups[request.batch_key() or id(request)].append(request)  # no key: a group of its own
         with torch.no_grad():  # the calls ask for none; this thread may be outside their no_grad
             for group in groups.values():
                 _run_together(group)
