@@ -173,12 +173,17 @@ def test_a_checkpoint_of_another_layout_is_refused_naming_the_file_and_its_missi
     folder.mkdir()
     shutil.copy(annotators / "sk_model.pth", folder)
     shutil.copy(annotators / "ControlNetHED.pth", folder / "sk_model2.pth")  # the wrong model under the name
-    control = ControlPreprocessConfig(detector="lineart", model=str(folder))
-    with pytest.raises(ValueError) as refused:
-        load_detector(control, CPU)
-    message = str(refused.value)
-    assert message.startswith(f"detector 'lineart': {folder / 'sk_model2.pth'}: not the checkpoint")
+    with pytest.raises(ValidationError) as refused:  # by the config check, before any work
+        ControlPreprocessConfig(detector="lineart", model=str(folder))
+    message = refused.value.errors()[0]["msg"]
+    assert f"detector 'lineart': {folder / 'sk_model2.pth'}: not the checkpoint" in message
     assert "missing keys model0.1.weight, " in message and "sk_model.pth" not in message.replace("sk_model2", "")
+
+    # An actor whose node holds another copy of the folder than the one checked: the load says the same.
+    checked = ControlPreprocessConfig(detector="lineart", model=str(annotators))
+    with pytest.raises(ValueError, match=r"sk_model2\.pth: not the checkpoint") as at_load:
+        load_detector(checked.model_copy(update={"model": str(folder)}), CPU)
+    assert str(at_load.value) in message
 
 
 @pytest.mark.usefixtures("ray_session")

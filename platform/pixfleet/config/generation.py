@@ -153,9 +153,9 @@ class ControlPreprocessConfig(StrictModel):
         if not self.uses_model and self.model is not None:
             raise ValueError(f"detector {self.detector!r} takes no 'model'")
         if self.detector in ANNOTATOR_DETECTORS:
-            from pixfleet.models.annotators import missing_files
+            from pixfleet.models.annotators import folder_problems
 
-            if problem := missing_files(self.detector, self.model):
+            if problem := folder_problems(self.detector, self.model):
                 raise ValueError(problem)
         return self
 

@@ -5,14 +5,16 @@ repository (the file names controlnet_aux's classes look for) or from that hub i
 reachable. This module knows each file: the torch module controlnet_aux loads it into and how
 the file stores that module's state dict, so that
 
-- a folder missing a file is refused before any work, naming the detector, the folder and the
-  files expected (`missing_files`, called by the config check);
-- a file that does not hold what its module takes is refused naming the file and the missing
-  keys (`load_annotator`), instead of torch's error about a module it never names;
+- a local folder is checked before any work (`folder_problems`, called by the config check): a
+  missing file is refused naming the detector, the folder and the files expected, a file that
+  does not hold what its module takes naming the file and the missing keys (instead of torch's
+  error about a module it never names, from inside an actor); `load_annotator` asks again when
+  a load fails (another node's copy of the folder may differ from the one checked);
 - `make_random_annotator` writes checkpoints of the real layout with random weights, the
   stand-ins tests and benchmarks load through the same `from_pretrained` a real folder takes.
 
-controlnet_aux and torch are imported where used: the config check stays light.
+controlnet_aux and torch are imported where used: only a config naming an annotator's folder
+pays for them, and its check reads the files' keys and shapes, not their weights.
 """
 
 from __future__ import annotations
@@ -70,18 +72,22 @@ class WeightFile:
         return {self.wrapper: packed} if self.wrapper else packed
 
     def problems(self, path: Path) -> str | None:
-        """Why the file at `path` is not this checkpoint (None when it is)."""
+        """Why the file at `path` is not this checkpoint (None when it is). A zip checkpoint is
+        mapped, not read, and the module is built without weights (meta device): the check
+        touches keys and shapes only."""
+        import zipfile
+
         import torch
 
         try:
-            content = torch.load(path, map_location="cpu", weights_only=True)
+            content = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
         except Exception as error:
             return f"{path}: not a torch checkpoint ({type(error).__name__}: {str(error).splitlines()[0]})"
         stored = content.get(self.wrapper) if self.wrapper and isinstance(content, dict) else content
         if not isinstance(stored, dict):
             where = f" under {self.wrapper!r}" if self.wrapper else ""
             return f"{path}: holds no state dict{where}"
-        with quietly():
+        with quietly(), torch.device("meta"):
             module = self.module()
         expected = {self.file_key(key): tensor.shape for key, tensor in module.state_dict().items()}
         missing = [key for key in expected if key not in stored]
@@ -208,20 +214,23 @@ ANNOTATORS: dict[str, Annotator] = {
 }
 
 
-def missing_files(detector: str, model: str) -> str | None:
-    """Why the local folder `model` cannot serve `detector` (None if it can, or if `model` is a
-    hub id, whose files are fetched when the annotator loads)."""
-    folder = os.path.expanduser(model)
-    if not os.path.isdir(folder):
+def folder_problems(detector: str, model: str) -> str | None:
+    """Why the local folder `model` cannot serve `detector`: files missing, or a file that does
+    not hold its module's weights (None if it can, or if `model` is a hub id, whose files are
+    fetched when the annotator loads)."""
+    folder = Path(os.path.expanduser(model))
+    if not folder.is_dir():
         return None
-    expected = [file.name for file in ANNOTATORS[detector].files]
-    missing = [name for name in expected if not os.path.isfile(os.path.join(folder, name))]
-    if not missing:
-        return None
-    return (
-        f"detector {detector!r}: {folder} lacks {', '.join(missing)} (it reads {', '.join(expected)}, "
-        f"laid out as the {ANNOTATORS_REPO} repository)"
-    )
+    files = ANNOTATORS[detector].files
+    expected = [file.name for file in files]
+    missing = [name for name in expected if not (folder / name).is_file()]
+    if missing:
+        return (
+            f"detector {detector!r}: {folder} lacks {', '.join(missing)} (it reads {', '.join(expected)}, "
+            f"laid out as the {ANNOTATORS_REPO} repository)"
+        )
+    problems = [problem for file in files if (problem := file.problems(folder / file.name))]
+    return f"detector {detector!r}: " + "; ".join(problems) if problems else None
 
 
 def load_annotator(detector: str, model: str) -> Any:
@@ -231,11 +240,8 @@ def load_annotator(detector: str, model: str) -> Any:
         with quietly():
             return annotator.load(model)
     except Exception as error:
-        folder = Path(os.path.expanduser(model))
-        if folder.is_dir():
-            problems = [p for file in annotator.files if (p := file.problems(folder / file.name))]
-            if problems:
-                raise ValueError(f"detector {detector!r}: " + "; ".join(problems)) from error
+        if problem := folder_problems(detector, model):
+            raise ValueError(problem) from error
         raise
 
 
