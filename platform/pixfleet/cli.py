@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from pixfleet.errors import UserError
+from pixfleet.errors import UserError, user_error_within
 from pixfleet.models.architectures import ARCHITECTURES
 from pixfleet.models.tasks import TASKS
 
@@ -135,6 +135,10 @@ def _run_bulk_job(
         summary = run(job, address=address or os.environ.get("RAY_ADDRESS"), ray_progress=ray_progress, **options)
     except UserError as error:
         _fail(str(error), error.exit_code)
+    except Exception as error:  # one an actor raised comes wrapped by Ray
+        if (user_error := user_error_within(error)) is None:
+            raise
+        _fail(str(user_error), user_error.exit_code)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the MLflow run is already marked KILLED
         typer.secho("interrupted; rerun the same command to resume", fg=typer.colors.YELLOW, err=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None

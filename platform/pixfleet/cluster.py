@@ -22,7 +22,7 @@ import ray
 from pydantic import BaseModel
 
 from pixfleet.config.loading import ConfigError, read_config_data, validate_config
-from pixfleet.errors import UserError
+from pixfleet.errors import user_error_within
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 T = TypeVar("T")
@@ -165,9 +165,11 @@ def job_main(
     extra = {name: getattr(args, name) for name in options or {}}
     try:
         print(run(load_job_config(config_cls, args.config, args.overrides), **extra))
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return error.exit_code
+    except Exception as error:  # a user error, or one an actor raised, which comes wrapped by Ray
+        if (user_error := user_error_within(error)) is None:
+            raise
+        print(f"error: {user_error}", file=sys.stderr)
+        return user_error.exit_code
     return 0
 
 

@@ -55,3 +55,12 @@ def test_ok_wins_over_failed_and_every_row_is_merged_once(tmp_path):
     write_part(tmp_path, "part-c.parquet", [{C.ROW_ID: "r4", C.IMAGE_INDEX: 0, C.STATUS: C.OK}])
     assert "r4" in manifest.finished()  # a later run's part beside the merged manifest
     assert Manifest(str(tmp_path)).merge().rows == 4
+
+
+def test_finishing_a_job_that_failed_before_its_first_row_writes_nothing_and_raises_nothing(tmp_path):
+    from pixfleet.generation.gallery import finish_output
+    from pixfleet.storage import Location
+
+    result = finish_output(Location.of(tmp_path), gallery=True)  # the job's own error is the one to see
+
+    assert result.rows == 0 and list(tmp_path.iterdir()) == []

@@ -204,3 +204,43 @@ def test_pix2pix_task_refuses_a_four_channel_unet(tiny_dir):
     spec = tiny_spec(tiny_dir, "pix2pix").model_copy(update={"base_model": str(tiny_dir / "controlnet")})
     with pytest.raises(ModelLoadError, match="needs an 8-channel UNet"):
         check_model_folders(spec)
+
+
+def test_a_weight_file_cut_short_or_not_safetensors_fails_before_loading(tiny_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dir / "controlnet", broken)
+    spec = tiny_spec(tiny_dir, "controlnet").model_copy(update={"base_model": str(broken)})
+    weights = broken / "vae" / "diffusion_pytorch_model.safetensors"
+    whole = weights.read_bytes()
+
+    weights.write_bytes(whole[: len(whole) * 9 // 10])  # a copy that stopped
+    cut = rf"vae/diffusion_pytorch_model\.safetensors: cut short: {len(whole) * 9 // 10} bytes"
+    with pytest.raises(ModelLoadError, match=rf"{cut}, its header describes {len(whole)}"):
+        check_model_folders(spec)
+    weights.write_bytes(whole[:100])  # stopped inside the header
+    with pytest.raises(ModelLoadError, match="cut short: 100 bytes, its header alone takes"):
+        check_model_folders(spec)
+    weights.write_bytes(b"<html>404</html>")  # a page saved under the name
+    with pytest.raises(ModelLoadError, match=r"vae/diffusion_pytorch_model\.safetensors: not a safetensors file"):
+        check_model_folders(spec)
+    controlnet = tmp_path / "controlnet"
+    shutil.copytree(tiny_dir / "controlnet" / "controlnet", controlnet)
+    (controlnet / "diffusion_pytorch_model.safetensors").write_bytes(whole[:8])
+    with pytest.raises(ModelLoadError, match=r"controlnet/diffusion_pytorch_model\.safetensors: cut short"):
+        check_model_folders(tiny_spec(tiny_dir, "controlnet").model_copy(update={"controlnets": [str(controlnet)]}))
+
+
+def test_weights_that_do_not_fit_their_config_fail_as_one_line_naming_the_folder(tiny_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dir / "controlnet", broken)
+    config = json.loads((broken / "unet" / "config.json").read_text())
+    config["block_out_channels"] = [2 * width for width in config["block_out_channels"]]
+    (broken / "unet" / "config.json").write_text(json.dumps(config))
+    spec = tiny_spec(tiny_dir, "controlnet").model_copy(update={"base_model": str(broken)})
+    check_model_folders(spec)  # the files are whole: only loading finds the mismatch
+
+    with pytest.raises(ModelLoadError) as refused:
+        load_pipeline(spec)
+    message = str(refused.value)
+    assert message.startswith(f"{broken}: cannot be loaded as the base model of task 'controlnet': ValueError: ")
+    assert "conv_in" in message and "\n" not in message

@@ -30,7 +30,8 @@ from PIL import Image
 from pixfleet.annotation.dataset import COVERAGE, FILTERED, IMAGES_DIR, MAPS_DIR, PHASH, TEXT, Records
 from pixfleet.config.annotation import AnnotateJobConfig, CaptionConfig
 from pixfleet.engine import columns as C
-from pixfleet.engine.images import RowError, decode_image, empty_image, one_line
+from pixfleet.engine.images import RowError, decode_image, empty_image
+from pixfleet.errors import one_line
 from pixfleet.generation.stages import LIGHT_CPU, PlannedStage
 from pixfleet.storage import Location
 

@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pixfleet.config import ConfigError
-from pixfleet.engine.images import one_line
+from pixfleet.errors import one_line
 from pixfleet.storage import Location, StorageError
 
 MANIFEST_SUFFIXES = (".jsonl", ".csv", ".parquet")

@@ -8,17 +8,16 @@ bits instead of clipped to white.
 from __future__ import annotations
 
 import io
-import re
 import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pixfleet.engine.preprocess import from_pil
+from pixfleet.errors import one_line
 
 # PIL's integer modes of 16-bit files (PNG, TIFF): values 0..65535.
 _SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
-_OBJECT_REPR = re.compile(r"\s*<[\w.]+ object at 0x[0-9a-f]+>")
 
 
 class RowError(ValueError):
@@ -32,13 +31,6 @@ class ImageTooLarge(RowError):
 def empty_image(channels: int = 3) -> np.ndarray:
     """Placeholder for an absent image: keeps a column's arrays at the same rank."""
     return np.zeros((0, 0, channels), dtype=np.uint8)
-
-
-def one_line(error: BaseException) -> str:
-    """`Type: message` on one line, without the object reprs some libraries put in messages."""
-    message = _OBJECT_REPR.sub("", str(error)).strip()
-    text = f"{type(error).__name__}: {message}" if message else type(error).__name__
-    return text.splitlines()[0]
 
 
 def decode_image(data: bytes | None, what: str, max_pixels: int, mode: str = "RGB") -> np.ndarray:

@@ -35,6 +35,7 @@ from typing import Any
 
 from pixfleet.config import ControlPreprocessConfig, ModelSpec
 from pixfleet.engine import columns as C
+from pixfleet.errors import one_line
 
 logger = logging.getLogger(__name__)
 
@@ -228,7 +229,7 @@ def _serve(connection: Connection) -> None:
             runner.warm_up(*runner.native_size)  # compile and set up the GPU before the first request
         info = EngineInfo(runner.sampler, str(runner.device), torch.get_num_threads(), runner.size_multiple)
     except Exception as error:
-        connection.send(("error", "load", _one_line(error)))
+        connection.send(("error", "load", one_line(error)))
         return
     connection.send(("ready", info))
     controlnets: OrderedDict[str, Any] = OrderedDict()  # folder -> runner sharing the base model
@@ -252,7 +253,7 @@ def _serve(connection: Connection) -> None:
                 chosen = controlnets[controlnet] if controlnet else runner
                 connection.send(("ok", chosen.generate(_detected(rows, detectors), deadline=deadline)))
         except Exception as error:
-            connection.send(("error", _error_kind(error), _one_line(error)))
+            connection.send(("error", _error_kind(error), one_line(error)))
 
 
 def _detected(rows: list[dict[str, Any]], detectors: dict[str, Any]) -> list[dict[str, Any]]:
@@ -303,12 +304,6 @@ def _error_kind(error: Exception) -> str:
     if isinstance(error, torch.OutOfMemoryError):
         return "oom"  # the request was too big for the memory free now: the replica stays up
     return "error"
-
-
-def _one_line(error: Exception) -> str:
-    from pixfleet.engine.images import one_line
-
-    return one_line(error)
 
 
 def child_main(argv: list[str]) -> None:

@@ -206,7 +206,8 @@ def finish_output(target: Location, gallery: bool) -> MergeResult:
     """The end of a job: its manifest parts merged, then the gallery over the merged manifest.
     A task of its own, in a module that imports neither torch nor diffusers (a worker that
     imported the job's module paid seconds for them before merging)."""
-    result = Manifest(target).merge()
-    if gallery:
+    manifest = Manifest(target)
+    result = manifest.merge()
+    if gallery and manifest.merged.is_file():  # none when the job failed before its first row
         write_gallery(target)
     return result

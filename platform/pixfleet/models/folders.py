@@ -1,10 +1,14 @@
-"""What a model folder must hold, checked from its JSON files alone: drivers check a job's models
-before any work without importing torch or diffusers (seconds of every command's start-up)."""
+"""What a model folder must hold, checked from its JSON files and its weight files' headers alone:
+drivers check a job's models before any work without importing torch or diffusers (seconds of
+every command's start-up), and a weight file cut short (a copy or download that stopped) is
+named here rather than by a traceback from `from_pretrained` inside an actor."""
 
 from __future__ import annotations
 
 import json
 import os
+import struct
+from pathlib import Path
 
 from pixfleet.config.model import ModelSpec
 from pixfleet.config.paths import looks_local
@@ -42,9 +46,43 @@ def check_model_folder(base_model: str, task: str, controlnets: list[str]) -> No
             raise ModelLoadError(f"{base_model}: task {task!r} needs component(s) {', '.join(missing)}")
         if task.endswith("pix2pix") and _unet_in_channels(base_model) != 8:
             raise ModelLoadError(f"{base_model}: task {task!r} needs an 8-channel UNet")
+        for component in index:
+            check_weight_files(Path(base_model).expanduser() / component)
     for path in controlnets:
         if looks_local(path) and not os.path.isfile(os.path.join(os.path.expanduser(path), "config.json")):
             raise ModelLoadError(f"{path}: no config.json (not a ControlNet folder)")
+        if looks_local(path):
+            check_weight_files(Path(path).expanduser())
+
+
+def check_weight_files(folder: Path) -> None:
+    """Each safetensors file in `folder` holds the bytes its header describes (the file's first
+    8 bytes give the header's length N, the next N bytes are JSON giving each tensor's byte range)."""
+    for file in sorted(folder.glob("*.safetensors")) if folder.is_dir() else ():
+        if problem := _weight_file_problem(file):
+            raise ModelLoadError(f"{file}: {problem}")
+
+
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
+
+
+def _weight_file_problem(file: Path) -> str | None:
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        prefix = f.read(8)
+        header_size = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else MAX_HEADER_BYTES + 1
+        if header_size > MAX_HEADER_BYTES:
+            return "not a safetensors file (no header length in its first 8 bytes)"
+        if 8 + header_size > size:
+            return f"cut short: {size} bytes, its header alone takes {8 + header_size} (an unfinished copy?)"
+        try:
+            header = json.loads(f.read(header_size))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, AttributeError, KeyError, TypeError, IndexError):
+            return "not a safetensors file (its header is not the JSON of its tensors)"
+    if size < 8 + header_size + end:
+        return f"cut short: {size} bytes, its header describes {8 + header_size + end} (an unfinished copy?)"
+    return None
 
 
 def _unet_in_channels(folder: str) -> int | None:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import diffusers
 import torch
 from diffusers import ControlNetModel, MultiControlNetModel
 
 from pixfleet.config.model import ModelSpec
 from pixfleet.console import quiet_model_loading
-from pixfleet.models.folders import check_model_folders, fetch_model_files
+from pixfleet.errors import one_line
+from pixfleet.models.folders import ModelLoadError, check_model_folders, fetch_model_files
 from pixfleet.models.optimizations import apply_optimizations
 from pixfleet.models.schedulers import swap_scheduler
 from pixfleet.models.tasks import TASKS, task_info
@@ -28,6 +32,16 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
     return DTYPES[dtype]
+
+
+@contextlib.contextmanager
+def loading(model: str, what: str) -> Iterator[None]:
+    """A model the folder checks passed that `from_pretrained` still refuses (weights that do not
+    fit their config, a hub id that does not exist, memory) fails as one line naming it."""
+    try:
+        yield
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as error:
+        raise ModelLoadError(f"{model}: cannot be loaded as {what}: {one_line(error)}") from error
 
 
 def import_pipeline_classes() -> None:
@@ -56,9 +70,13 @@ def load_pipeline(spec: ModelSpec) -> diffusers.DiffusionPipeline:
     }
     pipe_kwargs = {}
     if info.uses_controlnet:
-        controlnets = [ControlNetModel.from_pretrained(p, **load_kwargs) for p in spec.controlnets]
+        controlnets = []
+        for path in spec.controlnets:
+            with loading(path, "a ControlNet"):
+                controlnets.append(ControlNetModel.from_pretrained(path, **load_kwargs))
         pipe_kwargs["controlnet"] = controlnets[0] if len(controlnets) == 1 else MultiControlNetModel(controlnets)
-    pipe = info.pipeline_class.from_pretrained(spec.base_model, **load_kwargs, **pipe_kwargs)
+    with loading(spec.base_model, f"the base model of task {spec.task!r}"):
+        pipe = info.pipeline_class.from_pretrained(spec.base_model, **load_kwargs, **pipe_kwargs)
 
     if spec.scheduler is not None:
         swap_scheduler(pipe, spec.scheduler)

@@ -16,7 +16,7 @@ import ray.data
 
 from pixfleet.config import ControlPreprocessConfig, ResourcesConfig, SinkConfig
 from pixfleet.engine import columns as C
-from pixfleet.engine.images import one_line
+from pixfleet.errors import one_line
 from pixfleet.generation.sink import save_control_map
 from pixfleet.generation.stages import PlannedStage
 from pixfleet.storage import Location

@@ -20,8 +20,8 @@ import ray.data
 
 from pixfleet.config import ControlPreprocessConfig, EvaluateConfig, GenerationJobConfig
 from pixfleet.engine import columns as C
-from pixfleet.engine.images import one_line
 from pixfleet.engine.preprocess import control_for
+from pixfleet.errors import one_line
 from pixfleet.generation.stages import PlannedStage, caption_columns
 from pixfleet.models.tasks import task_info
 

@@ -24,7 +24,8 @@ import ray.data
 from pixfleet.config import ModelSpec, ResourcesConfig
 from pixfleet.engine import columns as C
 from pixfleet.engine.batching import group_rows
-from pixfleet.engine.images import empty_image, one_line
+from pixfleet.engine.images import empty_image
+from pixfleet.errors import one_line
 from pixfleet.generation.stages import PlannedStage
 
 logger = logging.getLogger(__name__)
