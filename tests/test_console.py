@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from pixfleet.console import is_chatter
+from pixfleet.console import ConsoleFilter, is_chatter
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -55,6 +55,47 @@ def test_library_progress_is_chatter(line):
 @pytest.mark.parametrize("line", KEPT)
 def test_pixfleet_lines_warnings_and_errors_are_not(line):
     assert not is_chatter(line.encode())
+
+
+# A job whose generate actor could not load its model (Ray 2.60): the actor's traceback, the
+# raylet's copy of it, Ray Data's own, then pixfleet's lines; trimmed to a few frames each.
+ACTOR = "\x1b[36m(MapWorker(MapBatches(GenerateStage)) pid=3259)\x1b[0m "
+FAILED_START = [
+    ACTOR + "Exception raised in creation task: The actor died because of an error raised in its creation task",
+    ACTOR + '  File "/venv/site-packages/diffusers/models/model_loading_utils.py", line 287, in load',
+    ACTOR + "    raise ValueError(",
+    ACTOR + "ValueError: Cannot load  because conv_in.bias expected shape torch.Size([64])",
+    ACTOR + "",
+    ACTOR + "pixfleet.models.folders.ModelLoadError: ./broken: cannot be loaded as the base model",
+    "\x1b[33m(raylet)\x1b[0m Task MapWorker(MapBatches(GenerateStage)).get_location failed. There are infinite "
+    "retries remaining, so the task will be retried. Error: Traceback (most recent call last):",
+    '  File "python/ray/_raylet.pyx", line 2198, in ray._raylet.execute_task',
+    "           ^^^^^^^^^^^^^^^^^^^",
+    "",
+    "The above exception was the direct cause of the following exception:",
+    "\x1b[36mray::MapWorker(MapBatches(GenerateStage)).__init__()\x1b[39m (pid=3259, ip=127.0.0.1)",
+    "pixfleet.models.folders.ModelLoadError: ./broken: cannot be loaded as the base model",
+    "2026-12-06 07:51:27,352\tERROR actor_pool_map_operator.py:414 -- MapBatches(GenerateStage): actors died "
+    "during initialization 1 consecutive time(s)",
+    "2026-12-06 07:51:27,368\tERROR exceptions.py:88 -- Exception occurred in Ray Data or Ray Core internal code.",
+    "2026-12-06 07:51:27,368\tERROR exceptions.py:111 -- Full stack trace:",
+    "Traceback (most recent call last):",
+    '  File "/venv/site-packages/ray/_private/worker.py", line 1055, in get_objects',
+    "ray.exceptions.ActorDiedError: The actor died because of an error raised in its creation task",
+    "rows 0/8  ok 0  failed 0  skipped 0  |  0.00 images/s  |  ETA -",
+    "error: ./broken: cannot be loaded as the base model of task 'controlnet': ValueError: Cannot load",
+    "Traceback (most recent call last):",
+]
+
+
+def test_tracebacks_ray_prints_before_the_driver_reports_the_failure_stay_in_the_log():
+    shown = ConsoleFilter().shown
+    assert [line for line in FAILED_START if shown(f"{line}\n".encode())] == [
+        FAILED_START[13],  # Ray Data's one line on it
+        "rows 0/8  ok 0  failed 0  skipped 0  |  0.00 images/s  |  ETA -",
+        "error: ./broken: cannot be loaded as the base model of task 'controlnet': ValueError: Cannot load",
+        "Traceback (most recent call last):",  # outside Ray's copies: the driver's own
+    ]
 
 
 PROGRAM = textwrap.dedent(

@@ -48,6 +48,18 @@ _CHATTER = re.compile(
         )
     )
 )
+# A failure Ray prints with its whole traceback before the driver gets it as an exception and
+# reports it itself (one `error:` line for a user error, the traceback for a bug): an actor's
+# failed start, a task Ray retries, Ray Data's own copy of the error it raises. The lines after
+# it that continue it stay in the log too.
+_FAILURE_TRACEBACK = re.compile(
+    r"^Exception raised in creation task: |^(\(raylet\)\s*)?Task \S+ failed\. There are infinite retries remaining"
+    r"|\bERROR exceptions\.py:\d+ -- (Full stack trace:$|Exception occurred in Ray Data or Ray Core internal code)"
+)
+_TRACEBACK_LINE = re.compile(
+    r"^(\s|$|Traceback \(most recent call last\):|The above exception was the direct cause"
+    r"|During handling of the above exception|ray::|[\w.]*(Error|Exception)\w*(:|$))"
+)
 _COLOUR = re.compile(rb"\x1b\[[\d;]*m")
 _RAY_PREFIX = re.compile(rb"^\s*\([\w.()-]+ pid=\d+(, ip=[\d.]+)?\)\s*")
 _LINE_END = re.compile(rb"(?<=[\r\n])")
@@ -76,6 +88,29 @@ def is_chatter(line: bytes) -> bool:
     """A line only the libraries' progress: logged, kept off the console."""
     text = _RAY_PREFIX.sub(b"", _COLOUR.sub(b"", line)).decode(errors="replace").strip()
     return bool(_CHATTER.search(text))
+
+
+class ConsoleFilter:
+    """Which lines of one stream reach the console: not `is_chatter`, and not inside the
+    traceback Ray forwards after a task or actor failure (`_FAILURE_TRACEBACK`): the lines of the
+    same Ray process that follow it, or, where Ray names no process, the traceback's own lines."""
+
+    def __init__(self) -> None:
+        self._hiding_after: bytes | None = None  # the Ray prefix of the failure being hidden
+
+    def shown(self, line: bytes) -> bool:
+        plain = _COLOUR.sub(b"", line)
+        prefix = _RAY_PREFIX.match(plain)
+        origin = prefix.group(0).strip() if prefix else b""
+        text = plain[prefix.end() if prefix else 0 :].decode(errors="replace").rstrip("\r\n")
+        if self._hiding_after is not None:
+            if origin == self._hiding_after and (origin or _TRACEBACK_LINE.match(text)):
+                return False
+            self._hiding_after = None
+        if _FAILURE_TRACEBACK.search(text.strip()):
+            self._hiding_after = origin
+            return False
+        return not is_chatter(line)
 
 
 def route_console(command: str) -> Path | None:
@@ -128,18 +163,19 @@ def is_terminal(stream: TextIO) -> bool:
 
 def _pump(read_end: int, console: int, log: BinaryIO, lock: threading.Lock) -> None:
     pending = b""
+    shown = ConsoleFilter().shown
     while chunk := os.read(read_end, 1 << 16):
         *lines, pending = _LINE_END.split(pending + chunk)
-        _emit(lines, console, log, lock)
-    _emit([pending] if pending else [], console, log, lock)
+        _emit(lines, shown, console, log, lock)
+    _emit([pending] if pending else [], shown, console, log, lock)
     os.close(read_end)
 
 
-def _emit(lines: list[bytes], console: int, log: BinaryIO, lock: threading.Lock) -> None:
+def _emit(lines: list[bytes], shown, console: int, log: BinaryIO, lock: threading.Lock) -> None:
     with lock:
         for line in lines:
             log.write(line)
-            if not is_chatter(line):
+            if shown(line):
                 os.write(console, line)
 
 
