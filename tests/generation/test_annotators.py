@@ -70,11 +70,17 @@ CASES = {
 
 
 @pytest.mark.parametrize("detector", list(CASES))
-def test_each_annotator_map_equals_controlnet_aux_own_call(annotators, detector):
+def test_each_annotator_map_equals_controlnet_aux_own_call_and_batched_as_on_a_gpu_too(
+    annotators, detector, monkeypatch
+):
+    """One by one (pixfleet on a CPU) each map is controlnet_aux's own; with the batch's calls
+    side by side and their forwards batched (pixfleet on a GPU) the maps stay the same but for
+    float rounding."""
     settings, arguments = CASES[detector]
     control = ControlPreprocessConfig(detector=detector, model=str(annotators), detect_resolution=128, **settings)
     run = load_detector(control, CPU)
-    images = [np.asarray(random_image(seed, size)) for seed, size in ((1, (128, 64)), (2, (80, 48)))]
+    assert isinstance(run, AnnotatorDetector) and run.lockstep is None
+    images = [np.asarray(random_image(seed, size)) for seed, size in ((1, (128, 64)), (3, (128, 64)), (2, (80, 48)))]
     maps = run(images)
     for image, found in zip(images, maps, strict=True):
         assert found.shape == image.shape and found.dtype == np.uint8
@@ -83,21 +89,10 @@ def test_each_annotator_map_equals_controlnet_aux_own_call(annotators, detector)
     if detector not in ("openpose", "mlsd", "scribble_hed"):  # random weights find no pose, line or stroke
         assert maps[0].std() > 0
 
-
-@pytest.mark.parametrize("detector", list(CASES))
-def test_each_annotator_batched_as_on_a_gpu_makes_the_maps_of_its_one_by_one_calls(annotators, detector, monkeypatch):
-    """On a GPU a batch's calls run side by side, their forwards batched; here on the CPU, where
-    pixfleet does not batch them by itself, the same code against the calls one by one."""
     batches = []
     run_together = lockstep._run_together
     monkeypatch.setattr(lockstep, "_run_together", lambda group: (batches.append(len(group)), run_together(group)))
-    settings, _ = CASES[detector]
-    control = ControlPreprocessConfig(detector=detector, model=str(annotators), detect_resolution=128, **settings)
-    images = [np.asarray(random_image(seed, size)) for seed, size in ((1, (128, 64)), (3, (128, 64)), (2, (80, 48)))]
-    one_by_one = AnnotatorDetector(control, CPU)
-    assert one_by_one.lockstep is None
-    batched = AnnotatorDetector(control, CPU, batch_forwards=True)
-    for alone, together in zip(one_by_one(images), batched(images), strict=True):
+    for alone, together in zip(maps, AnnotatorDetector(control, CPU, batch_forwards=True)(images), strict=True):
         assert together.shape == alone.shape and together.dtype == np.uint8
         apart = np.abs(together.astype(int) - alone.astype(int))
         assert apart.max() <= 1 and (apart > 0).mean() < 1e-3  # a batch moves float rounding at most
