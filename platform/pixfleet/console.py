@@ -16,6 +16,7 @@ import re
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
@@ -171,7 +172,9 @@ def _pump(read_end: int, console: int, log: BinaryIO, lock: threading.Lock) -> N
     os.close(read_end)
 
 
-def _emit(lines: list[bytes], shown, console: int, log: BinaryIO, lock: threading.Lock) -> None:
+def _emit(
+    lines: list[bytes], shown: Callable[[bytes], bool], console: int, log: BinaryIO, lock: threading.Lock
+) -> None:
     with lock:
         for line in lines:
             log.write(line)

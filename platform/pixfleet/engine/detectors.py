@@ -131,7 +131,9 @@ class AnnotatorDetector:
 
         self.annotator = load_annotator(control.detector, control.model).to(device)
         self.options = annotator_options(control)
-        self.lockstep = Lockstep() if (device.type == "cuda" if batch_forwards is None else batch_forwards) else None
+        if batch_forwards is None:
+            batch_forwards = device.type == "cuda"
+        self.lockstep = Lockstep() if batch_forwards else None
         if self.lockstep:
             for file in ANNOTATORS[control.detector].files:
                 owner, _, name = file.network.rpartition(".")
