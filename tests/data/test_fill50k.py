@@ -25,7 +25,7 @@ def test_loads_with_datasets_in_the_training_layout(tmp_path):
     ds = datasets.load_dataset(str(tmp_path), split="train")
 
     assert len(ds) == 6
-    assert set(ds.column_names) == {"image", "conditioning_image", "text"}
+    assert set(ds.column_names) == {"image", "conditioning_image", "mask", "text"}
     row = ds[0]
     assert row["image"].size == (32, 32) and row["conditioning_image"].size == (32, 32)
     fill, circle, with_, background, word = row["text"].split()
@@ -34,7 +34,12 @@ def test_loads_with_datasets_in_the_training_layout(tmp_path):
     # The outline is white on black; the image holds exactly two colours.
     outline = np.asarray(row["conditioning_image"])
     assert set(np.unique(outline)) <= {0, 255} and outline.max() == 255
-    assert len(np.unique(np.asarray(row["image"]).reshape(-1, 3), axis=0)) == 2
+    image = np.asarray(row["image"])
+    assert len(np.unique(image.reshape(-1, 3), axis=0)) == 2
+    # The mask is the circle: white where the image has the fill colour, black elsewhere.
+    mask = np.asarray(row["mask"])
+    assert mask.shape == (32, 32) and set(np.unique(mask)) == {0, 255}
+    assert (image[mask == 0] == image[0, 0]).all() and (image[mask == 255] != image[0, 0]).any(axis=1).all()
 
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path):

@@ -1,7 +1,8 @@
 """A synthetic set in the shape of fill50k: filled circles, their outlines, and a caption.
 
 Written as an imagefolder with `metadata.jsonl`, so `datasets.load_dataset(DIR)` yields the
-columns `image`, `conditioning_image` and `text`, as the ControlNet training example expects.
+columns `image`, `conditioning_image` and `text`, as the ControlNet training example expects,
+and `mask` (the circle white on black), so the inpaint pipelines repaint the circle.
 """
 
 from __future__ import annotations
@@ -39,6 +40,14 @@ def fill50k_row(rng: np.random.Generator, size: int) -> tuple[Image.Image, Image
     return image, outline, f"{names[fill]} circle with {names[background]} background"
 
 
+def circle_mask(image: Image.Image) -> Image.Image:
+    """The circle of a `fill50k_row` image, white on black: every pixel not of the background's
+    colour (a corner always is: the circle lies inside the image, and a corner outside any
+    circle that fits)."""
+    pixels = np.asarray(image)
+    return Image.fromarray(np.where((pixels != pixels[0, 0]).any(axis=2), 255, 0).astype(np.uint8))
+
+
 def make_fill50k(out_dir: str | Path, n: int, size: int = 64, seed: int = 0) -> Path:
     """Write `n` rows to `out_dir` (deterministic for a given seed) and return the folder."""
     if n < 1 or size < 8:
@@ -46,6 +55,7 @@ def make_fill50k(out_dir: str | Path, n: int, size: int = 64, seed: int = 0) -> 
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "conditioning_images").mkdir(parents=True, exist_ok=True)
+    (out / "masks").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     with open(out / "metadata.jsonl", "w") as manifest:
         for i in range(n):
@@ -53,9 +63,11 @@ def make_fill50k(out_dir: str | Path, n: int, size: int = 64, seed: int = 0) -> 
             name = f"{i:06d}.png"
             image.save(out / "images" / name)
             outline.save(out / "conditioning_images" / name)
+            circle_mask(image).save(out / "masks" / name)
             row = {
                 "file_name": f"images/{name}",
                 "conditioning_image_file_name": f"conditioning_images/{name}",
+                "mask_file_name": f"masks/{name}",
                 "text": text,
             }
             manifest.write(json.dumps(row) + "\n")
