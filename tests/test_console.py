@@ -140,3 +140,23 @@ def test_verbose_routes_nothing(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "log: None" in result.stderr and CHATTER[0] in result.stderr
     assert not list(tmp_path.glob("*.log"))
+
+
+def test_diffusers_empty_float32_warning_is_dropped_and_a_named_one_kept(monkeypatch):
+    import logging
+
+    from pixfleet.console import quiet_model_loading
+
+    monkeypatch.delenv("PIXFLEET_VERBOSE", raising=False)
+    quiet_model_loading()
+    logger = logging.getLogger("diffusers.models.modeling_utils")
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger.addHandler(handler)
+    try:
+        for modules in ("[]", "['norm']"):
+            logger.warning(f"There are modules in AutoencoderKL that should be kept in float32: {modules}. Casting")
+    finally:
+        logger.removeHandler(handler)
+    assert records == ["There are modules in AutoencoderKL that should be kept in float32: ['norm']. Casting"]

@@ -11,6 +11,7 @@ that are only the libraries' progress stay off the console.
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import re
 import sys
@@ -78,11 +79,18 @@ def set_verbose(verbose: bool) -> None:
 
 def quiet_model_loading() -> None:
     """diffusers' "Loading pipeline components" bar off in this process (every actor and
-    replica would print one), unless verbose."""
+    replica would print one), and its empty float32 warning, unless verbose."""
     if not os.environ.get(VERBOSE_ENV):
         import diffusers
 
         diffusers.utils.logging.disable_progress_bar()
+        logging.getLogger("diffusers.models.modeling_utils").addFilter(_no_empty_float32_warning)
+
+
+def _no_empty_float32_warning(record: logging.LogRecord) -> bool:
+    # The SDXL img2img and inpaint pipelines cast their VAE to float32 to encode each batch, and
+    # diffusers then warns that "modules ... should be kept in float32: []": it names none.
+    return "should be kept in float32: []." not in record.getMessage()
 
 
 def is_chatter(line: bytes) -> bool:
