@@ -31,6 +31,8 @@ def test_the_seed_pipelines_are_shipped():
         "sd15_controlnet_img2img",
         "sd15_controlnet_inpaint",
         "sdxl_multicontrolnet",
+        "sdxl_controlnet_img2img",
+        "sdxl_controlnet_inpaint",
         "pix2pix_edit",
         "sdxl_pix2pix",
     } <= names

@@ -12,6 +12,8 @@ TaskName = Literal[
     "controlnet_img2img",
     "controlnet_inpaint",
     "sdxl_controlnet",
+    "sdxl_controlnet_img2img",
+    "sdxl_controlnet_inpaint",
     "pix2pix",
     "sdxl_pix2pix",
 ]
@@ -75,6 +77,8 @@ TASKS: dict[str, TaskInfo] = {
     "controlnet_img2img": TaskInfo("StableDiffusionControlNetImg2ImgPipeline", False, True, True, False),
     "controlnet_inpaint": TaskInfo("StableDiffusionControlNetInpaintPipeline", False, True, True, True),
     "sdxl_controlnet": TaskInfo("StableDiffusionXLControlNetPipeline", True, True, False, False),
+    "sdxl_controlnet_img2img": TaskInfo("StableDiffusionXLControlNetImg2ImgPipeline", True, True, True, False),
+    "sdxl_controlnet_inpaint": TaskInfo("StableDiffusionXLControlNetInpaintPipeline", True, True, True, True),
     "pix2pix": TaskInfo("StableDiffusionInstructPix2PixPipeline", False, False, True, False),
     "sdxl_pix2pix": TaskInfo("StableDiffusionXLInstructPix2PixPipeline", True, False, True, False),
 }
