@@ -46,6 +46,19 @@ def test_every_pipeline_yaml_validates(project_dir, monkeypatch, path):
     assert job.model.task in path.read_text()
 
 
+@pytest.mark.usefixtures("ray_session")
+def test_every_pipeline_yaml_finds_its_columns_in_the_demo_data(project_dir, monkeypatch):
+    """What `make demo` writes (outputs/fill50k) holds every column the shipped jobs read: each
+    opens its source as a run would, before any model is loaded."""
+    from pixfleet.generation.sources import open_source
+
+    monkeypatch.chdir(project_dir)
+    for path in GENERATION_YAMLS:
+        job = load_config(GenerationJobConfig, path)
+        source = open_source(job.source, job.model.task, len(job.model.controlnets), rows_per_block=4)
+        assert source.num_rows == 16, path.name
+
+
 @pytest.mark.parametrize("path", TRAINING_YAMLS, ids=lambda p: p.stem)
 def test_every_training_yaml_validates(project_dir, monkeypatch, path):
     monkeypatch.chdir(project_dir)
