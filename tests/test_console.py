@@ -143,20 +143,20 @@ def test_verbose_routes_nothing(tmp_path):
 
 
 def test_diffusers_empty_float32_warning_is_dropped_and_a_named_one_kept(monkeypatch):
-    import logging
+    import logging.handlers
 
     from pixfleet.console import quiet_model_loading
 
     monkeypatch.delenv("PIXFLEET_VERBOSE", raising=False)
     quiet_model_loading()
     logger = logging.getLogger("diffusers.models.modeling_utils")
-    records: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: records.append(record.getMessage())
+    handler = logging.handlers.BufferingHandler(capacity=10)
     logger.addHandler(handler)
     try:
         for modules in ("[]", "['norm']"):
             logger.warning(f"There are modules in AutoencoderKL that should be kept in float32: {modules}. Casting")
     finally:
         logger.removeHandler(handler)
-    assert records == ["There are modules in AutoencoderKL that should be kept in float32: ['norm']. Casting"]
+    assert [record.getMessage() for record in handler.buffer] == [
+        "There are modules in AutoencoderKL that should be kept in float32: ['norm']. Casting"
+    ]
