@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 
 import diffusers
@@ -34,6 +35,13 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+# diffusers' refusal of weights whose shapes differ from the config; the advice it appends
+# (load them anyway, random weights in their place) is not something a job can want.
+_SHAPE_MISMATCH = re.compile(
+    r"Cannot load .*? because (\S+) expected shape torch\.Size\((\[.*?\])\), but got torch\.Size\((\[.*?\])\)"
+)
+
+
 @contextlib.contextmanager
 def loading(model: str, what: str) -> Iterator[None]:
     """A model the folder checks passed that `from_pretrained` still refuses (weights that do not
@@ -41,7 +49,15 @@ def loading(model: str, what: str) -> Iterator[None]:
     try:
         yield
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as error:
-        raise ModelLoadError(f"{model}: cannot be loaded as {what}: {one_line(error)}") from error
+        raise ModelLoadError(f"{model}: cannot be loaded as {what}: {_load_failure(error)}") from error
+
+
+def _load_failure(error: BaseException) -> str:
+    mismatch = _SHAPE_MISMATCH.search(str(error))
+    if mismatch is None:
+        return one_line(error)
+    name, expected, found = mismatch.groups()
+    return f"weights that do not fit their config.json: {name} is {found} in the weights, {expected} by config"
 
 
 def import_pipeline_classes() -> None:
