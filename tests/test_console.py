@@ -28,6 +28,12 @@ CHATTER = [
     "[2026-12-05 05:09:24,072] [WARNING] [real_accelerator.py:213:get_accelerator] Setting accelerator to CPU.",
     "\x1b[36m(ServeController pid=3092)\x1b[0m INFO 2026-12-05 05:11:05,321 controller 3092 -- Adding 1 replica",
     'INFO 2026-12-05 05:11:05,150 serve 2719 -- Started Serve in namespace "serve".',
+    "\x1b[36m(ServeReplica:cli:ingress pid=13827)\x1b[0m INFO 2026-12-06 19:22:41,118 cli_ingress rcimcm4i "
+    "6e149d33 -- Started <ray.serve._private.router.SharedRouterLongPollClient object at 0x7f2a>.",
+    "\x1b[36m(ServeReplica:cli:ingress pid=13827)\x1b[0m INFO 2026-12-06 19:22:45,922 cli_ingress rcimcm4i "
+    "b3300bf5 -- POST /v1/generate 200 375.2ms",
+    "\x1b[36m(ServeReplica:cli:model-tiny pid=13826)\x1b[0m INFO 2026-12-06 19:22:45,919 cli_model-tiny 1mxer074 "
+    "b3300bf5 -- CALL generate OK 329.0ms",
     "\x1b[36m(ServeController pid=12823)\x1b[0m WARNING 2026-12-05 05:21:39,026 controller 12823 -- Cannot deregister "
     "autoscaling state for deployment Deployment(name='ingress', app='cli') because it is not registered",
     "\x1b[33m(raylet)\x1b[0m Task ServeController.graceful_shutdown failed. There are infinite retries remaining, so "
@@ -44,6 +50,8 @@ KEPT = [
     "error: source.path: /data/x: no images",
     "(MapWorker(MapBatches(GenerateStage)) pid=5) WARNING a row's prompt was cut at 77 tokens",
     "Traceback (most recent call last):",
+    "\x1b[36m(ServeReplica:cli:model-tiny pid=13826)\x1b[0m WARNING 2026-12-06 19:22:45,217 cli_model-tiny 1mxer074 "
+    "-- model tiny: replica ready in 4.4 s (engine process and model loaded)",
 ]
 
 

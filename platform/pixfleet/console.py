@@ -63,7 +63,9 @@ _TRACEBACK_LINE = re.compile(
     r"|During handling of the above exception|ray::|[\w.]*(Error|Exception)\w*(:|$))"
 )
 _COLOUR = re.compile(rb"\x1b\[[\d;]*m")
-_RAY_PREFIX = re.compile(rb"^\s*\([\w.()-]+ pid=\d+(, ip=[\d.]+)?\)\s*")
+# The process Ray names before a forwarded line: an actor class ("MapWorker(MapBatches(X))"), a
+# Serve replica ("ServeReplica:app:deployment"), "raylet", each with its pid.
+_RAY_PREFIX = re.compile(rb"^\s*\(\S+ pid=\d+(, ip=[\d.]+)?\)\s*")
 _LINE_END = re.compile(rb"(?<=[\r\n])")
 _routed_terminals: set[int] = set()  # fds 1 and 2, when they were terminals before routing
 
