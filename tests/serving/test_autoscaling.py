@@ -2,7 +2,8 @@
 after a cold start, load raises its replicas to the maximum (each replica holds one request:
 four clients keep both busy), the replica removed when the load falls answers the request it
 holds, idleness takes them back to zero, and no request fails on the way; replicas take their
-engine processes with them, and Ray's metrics endpoint counts it all."""
+engine processes with them, and Ray's metrics endpoint counts it all. A model whose cold start
+outlasts its limit answers 503 with Retry-After, and a client that honours it is answered."""
 
 from __future__ import annotations
 
@@ -34,11 +35,10 @@ AUTOSCALING = {
 }
 
 
-def running_replicas() -> int:
+def running_replicas(deployment: str = DEPLOYMENT) -> int:
     from ray import serve
 
-    deployment = serve.status().applications[APP].deployments[DEPLOYMENT]
-    return deployment.replica_states.get("RUNNING", 0)
+    return serve.status().applications[APP].deployments[deployment].replica_states.get("RUNNING", 0)
 
 
 def replica_ids() -> set[str]:
@@ -85,7 +85,8 @@ def wait_for(condition, timeout_s: float, what: str) -> float:
 
 @pytest.fixture(scope="module")
 def autoscaled(server, tiny_dir):
-    """The tiny ControlNet alone, one request per replica at a time, scaled 0..2."""
+    """The tiny ControlNet, one request per replica at a time, scaled 0..2; beside it the same
+    model scaled 0..1 with a cold-start limit far below its replica's start."""
     from ray import serve
 
     from pixfleet.serving.app import build_app
@@ -100,7 +101,13 @@ def autoscaled(server, tiny_dir):
         "max_ongoing_requests": 1,
         "spare_engine": False,
     }
-    config = config.model_copy(update={"models": [type(config.models[0]).model_validate(model)]})
+    cold = model | {
+        "name": "tiny-cold",
+        "autoscaling": AUTOSCALING | {"max_replicas": 1, "downscale_to_zero_delay_s": 30},
+        "cold_start_timeout_s": 0.2,
+    }
+    models = [type(config.models[0]).model_validate(m) for m in (model, cold)]
+    config = config.model_copy(update={"models": models})
     before = engine_processes()
     serve.run(build_app(config), name=APP, route_prefix=f"/{APP}")
     yield f"{server.url}/{APP}", before
@@ -171,3 +178,32 @@ def test_replicas_follow_the_load_up_and_down_to_zero_answering_every_request(au
     assert scraped("ray_pixfleet_request_seconds_count") == answered
     assert scraped("ray_pixfleet_requests_in_flight") == 0
     assert scraped("ray_pixfleet_replica_start_seconds_count") >= 2  # the cold start, then the second replica
+
+
+def test_a_cold_start_past_its_limit_answers_503_with_retry_after_and_a_retry_is_answered(autoscaled):
+    url, _ = autoscaled
+    assert running_replicas("model-tiny-cold") == 0
+    body = controlnet_request(0, model="tiny-cold")
+    with httpx.Client(timeout=60) as client:
+        refused = client.post(f"{url}/v1/generate", json=body)
+        assert refused.status_code == 503, refused.text
+        assert "no replica running" in refused.json()["error"]["message"]
+        # What a client does with the answer: retry after the seconds it names, until the replica
+        # the refused request called for has started.
+        answers = [refused]
+        while answers[-1].status_code == 503 and len(answers) < 60:
+            time.sleep(int(answers[-1].headers["retry-after"]))
+            answers.append(client.post(f"{url}/v1/generate", json=body))
+    assert answers[-1].status_code == 200, answers[-1].text
+    assert all(a.status_code == 503 and a.headers["retry-after"] == "1" for a in answers[:-1])
+
+
+def test_admission_follows_the_running_replicas(tiny_dir):
+    from pixfleet.serving.ingress import _capacity
+
+    config = serving_config(tiny_dir, "sqlite:///mlflow.db", 8000, APP)
+    model = config.models[0].model_copy(update={"max_ongoing_requests": 8, "max_queued_requests": 16})
+    model.autoscaling.max_replicas = 4
+    assert _capacity(model, 0) == 16  # at zero, the queue: requests wait through the cold start
+    assert _capacity(model, 2) == 2 * 8 + 16  # scaled up: not turned away at one replica's capacity
+    assert _capacity(model, None) == 4 * 8 + 16  # Serve's controller not heard from: all it may scale to

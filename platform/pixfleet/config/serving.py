@@ -103,6 +103,14 @@ class ServedModelConfig(StrictModel):
     max_queued_requests: int = Field(
         16, ge=1, description="Requests waiting for a replica; past this, new ones get 503 at once."
     )
+    cold_start_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        description=(
+            "How long a request that finds no replica running (a model scaled to zero) waits for one to start; "
+            "still none then, 503 with Retry-After while the start goes on. Unset: up to limits.request_timeout_s."
+        ),
+    )
     max_pixel_steps: int | None = Field(
         None,
         ge=1,

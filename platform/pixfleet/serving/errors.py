@@ -35,20 +35,22 @@ ERROR_TYPES = {
 
 
 class ApiError(Exception):
-    """An HTTP error with a message naming the field (`param`) at fault."""
+    """An HTTP error with a message naming the field (`param`) at fault, and headers such as
+    Retry-After."""
 
-    def __init__(self, status: int, message: str, param: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
+        self.headers = headers
 
     def body(self) -> dict[str, Any]:
         error_type = ERROR_TYPES.get(self.status, "server_error")
         return {"error": {"message": self.message, "type": error_type, "param": self.param, "code": None}}
 
-    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def from_validation_errors(errors: list[dict[str, Any]]) -> ApiError:
@@ -73,7 +75,7 @@ def install_error_handlers(api: FastAPI) -> None:
     async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         messages = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
         message = messages.get(error.status_code) or str(error.detail)
-        return ApiError(error.status_code, message).response(headers=getattr(error, "headers", None))
+        return ApiError(error.status_code, message, headers=getattr(error, "headers", None)).response()
 
     @api.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:

@@ -38,8 +38,7 @@ class RequestGate:
         error = self.check(scope, state.limits, state.api_key_sha256)
         if error is None:
             return await self.app(scope, receive, send)
-        headers = {"www-authenticate": "Bearer"} if error.status == 401 else None
-        await error.response(headers)(scope, receive, send)
+        await error.response()(scope, receive, send)
 
     @staticmethod
     def check(scope, limits: LimitsConfig, api_key_sha256: str | None) -> ApiError | None:
@@ -49,7 +48,8 @@ class RequestGate:
             token = bearer_token(headers.get(b"authorization", b""))
             presented = hashlib.sha256(token or b"").hexdigest()
             if token is None or not hmac.compare_digest(presented, api_key_sha256):
-                return ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
+                message = "missing or wrong API key: send 'Authorization: Bearer <key>'"
+                return ApiError(401, message, headers={"www-authenticate": "Bearer"})
         if scope["method"] in ("POST", "PUT", "PATCH"):
             declared = headers.get(b"content-length")
             if declared is None:

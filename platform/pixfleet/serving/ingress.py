@@ -17,6 +17,7 @@ before its images are decoded.
 import asyncio
 import base64
 import json
+import math
 import time
 from collections import Counter
 from typing import Annotated, Any, TypeVar
@@ -26,7 +27,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
-from ray.serve.handle import DeploymentHandle
+from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from pixfleet import __version__
 from pixfleet.config.serving import LimitsConfig, ServedModelConfig, ServingConfig
@@ -40,6 +41,7 @@ from pixfleet.serving.gate import RequestGate
 from pixfleet.serving.openai_images import generate_request, read_edit_form
 from pixfleet.serving.playground import playground_page
 from pixfleet.serving.replica import DEADLINE
+from pixfleet.serving.replica_counts import RunningReplicas
 from pixfleet.serving.requests import control_row, decode_base64, encode_png, prepare_row
 from pixfleet.serving.schemas import (
     ControlMap,
@@ -76,9 +78,11 @@ def _does_edits(served: ServedModelConfig) -> bool:
     return info.needs_source_image and not info.uses_controlnet
 
 
-def _capacity(served: ServedModelConfig) -> int:
-    """Requests the model deployment can hold at most: running on every replica, plus queued."""
-    return served.autoscaling.max_replicas * served.max_ongoing_requests + served.max_queued_requests
+def _capacity(served: ServedModelConfig, running: int | None) -> int:
+    """Requests the model deployment holds at most: on its running replicas, plus queued (with the
+    count unknown, on all it may scale to). At zero replicas that is the queue: a cold start waits."""
+    replicas = served.autoscaling.max_replicas if running is None else running
+    return replicas * served.max_ongoing_requests + served.max_queued_requests
 
 
 def _form_params(schema: type[RequestModel], params: str) -> RequestModel:
@@ -109,6 +113,7 @@ class Ingress:
         self.config = config
         self.served = {m.name: m for m in config.models}
         self.handles = models
+        self.replicas = RunningReplicas(models)
         self.tracking_uri = tracking_uri
         self.in_flight: Counter[str] = Counter()  # per model, requests admitted and not yet answered
         for served in config.models:  # imports the pipeline classes now, not in racing request threads
@@ -232,12 +237,13 @@ class Ingress:
         tags, start, status = {"model": served.name}, time.perf_counter(), 500
         try:
             # Past what the deployment can hold, answer now: before decoding images or queueing.
-            if self.in_flight[served.name] >= _capacity(served):
+            running = await self.replicas.of(served.name)
+            if self.in_flight[served.name] >= _capacity(served, running):
                 raise ApiError(503, f"model {served.name!r} is at capacity; retry later")
             self.in_flight[served.name] += 1
             metrics.requests_in_flight().set(self.in_flight[served.name], tags=tags)
             try:
-                response = await self._admitted(served, request, images, as_edit)
+                response = await self._admitted(served, request, images, as_edit, cold=running == 0)
             finally:
                 self.in_flight[served.name] -= 1
                 metrics.requests_in_flight().set(self.in_flight[served.name], tags=tags)
@@ -251,7 +257,7 @@ class Ingress:
             metrics.request_seconds().observe(time.perf_counter() - start, tags=tags)
 
     async def _admitted(
-        self, served: ServedModelConfig, request: GenerateRequest, images: dict[str, bytes], as_edit: bool
+        self, served: ServedModelConfig, request: GenerateRequest, images: dict[str, bytes], as_edit: bool, cold: bool
     ) -> Response:
         limits = self.config.limits
         deadline = time.time() + limits.request_timeout_s
@@ -262,14 +268,7 @@ class Ingress:
         handle = self.handles[served.name]
         if version:
             handle = handle.options(multiplexed_model_id=version)
-        response = handle.generate.remote(row)
-        try:
-            result = await asyncio.wait_for(response, timeout=max(0.0, deadline - time.time()))
-        except TimeoutError:
-            response.cancel()
-            raise ApiError(504, f"request timed out after {limits.request_timeout_s} s") from None
-        except (BackPressureError, DeploymentUnavailableError):
-            raise ApiError(503, f"model {served.name!r} is at capacity; retry later") from None
+        result = await self._result(served, handle.generate.remote(row), deadline, cold)
         if "error" in result:
             status = {"timeout": 504, "overloaded": 503}.get(result["error"], 500)
             raise ApiError(status, result["message"])
@@ -293,6 +292,30 @@ class Ingress:
             generate_s=result["generate_s"],
         )
         return JSONResponse(body.model_dump(), headers=headers)
+
+    async def _result(
+        self, served: ServedModelConfig, response: DeploymentResponse, deadline: float, cold: bool
+    ) -> dict[str, Any]:
+        """The replica's answer by the deadline (504 past it). A request that found no replica
+        running waits `cold_start_timeout_s` at most for one: still none then, 503 with
+        Retry-After, and the replica it called for goes on starting for the next request."""
+        pending = asyncio.ensure_future(response)
+        try:
+            if cold:
+                wait_s = max(0.0, min(served.cold_start_timeout_s or math.inf, deadline - time.time()))
+                done, _ = await asyncio.wait({pending}, timeout=wait_s)
+                if not done and await self.replicas.of(served.name, max_age_s=0) == 0:
+                    message = f"model {served.name!r}: no replica running after {wait_s:.3g} s; one is starting"
+                    raise ApiError(503, message, headers={"Retry-After": str(max(1, math.ceil(wait_s)))})
+            return await asyncio.wait_for(pending, timeout=max(0.0, deadline - time.time()))
+        except TimeoutError:
+            raise ApiError(504, f"request timed out after {self.config.limits.request_timeout_s} s") from None
+        except (BackPressureError, DeploymentUnavailableError):
+            raise ApiError(503, f"model {served.name!r} is at capacity; retry later") from None
+        finally:
+            if not pending.done() or pending.cancelled():  # given up on: out of its queue or its replica
+                pending.cancel()
+                response.cancel()
 
     def _controlnet_version(self, served: ServedModelConfig, controlnet: str | None) -> str | None:
         """NAME@ALIAS or NAME/VERSION -> NAME/VERSION, checked against the registry (404 if absent).
