@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from pixfleet.engine import columns as C
 from pixfleet.evaluation.summary import control_badness
 from pixfleet.generation.sink import MANIFEST_FILE, Manifest, MergeResult
-from pixfleet.storage import Location
+from pixfleet.storage import Location, is_uri
 
 PAGE_ROWS = 200
 MAX_ROWS = 10_000  # ok rows shown: 50 pages
@@ -166,7 +166,7 @@ def html_page(heading: str, nav: str, header: list[str], rows: list[str]) -> str
 def link(uri: str, root: Location) -> str:
     """A file's address relative to the gallery's folder: files under it, and any local file
     beside a local gallery; others (another bucket, say) keep their URI."""
-    if uri.startswith(root.uri + "/") or (root.is_local and "://" not in uri):
+    if uri.startswith(root.uri + "/") or (root.is_local and not is_uri(uri)):
         return posixpath.relpath(uri, root.uri)
     return uri
 
