@@ -181,11 +181,12 @@ def make_tiny_annotator(
     out: Annotated[Path, typer.Option(help="Folder to save the model and its processor in (inception: the file).")],
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
 ) -> None:
-    """Build a tiny random detector, captioner or evaluation model (DPT, SegFormer, BLIP, CLIP;
-    save_pretrained) or a TorchScript file called as clean-fid's Inception is: what
-    `detector.model`, `caption.model`, `evaluate.clip_model` and `fid.inception` load offline.
-    The annotators' kinds write their checkpoint files (full-size, random weights) into OUT as
-    lllyasviel/Annotators lays them out: one folder can hold them all."""
+    """Build a tiny random detector, captioner, annotator or evaluation model to load offline.
+
+    DPT, SegFormer, BLIP and CLIP are saved with save_pretrained, clean-fid's Inception as the
+    TorchScript file it calls: what `detector.model`, `caption.model`, `evaluate.clip_model` and
+    `fid.inception` load. The annotators' kinds write their checkpoint files (full-size, random
+    weights) into OUT as lllyasviel/Annotators lays them out: one folder can hold them all."""
     from pixfleet.models import tiny
 
     if kind.value in ANNOTATOR_CHECKPOINTS:
@@ -216,8 +217,10 @@ def make_random(
     ] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
 ) -> None:
-    """Build a full-size published architecture with random weights (no download) and save it
-    with save_pretrained: a stand-in for the real checkpoint in speed and memory measurements."""
+    """Build a full-size published architecture with random weights and save it (no download).
+
+    Saved with save_pretrained: a stand-in for the real checkpoint in speed and memory
+    measurements."""
     from pixfleet.models.loading import DTYPES, resolve_device
     from pixfleet.models.random_weights import make_random_pipeline
 
@@ -279,8 +282,9 @@ def annotate(
     address: AddressOption = None,
     ray_progress: RayProgressOption = False,
 ) -> None:
-    """Turn raw photos into a ControlNet training set: control maps from a detector, captions
-    from the source, a model or a template, filters; resumable.
+    """Turn raw photos into a ControlNet training set; resumable.
+
+    Control maps from a detector, captions from the source, a model or a template, filters.
 
     Example: pixfleet annotate pipelines_cfg/annotate_depth.yaml --set source.limit=100
 
@@ -308,11 +312,13 @@ def eval_models(
         ),
     ] = None,
 ) -> None:
-    """Measure models on a held-out set with the same seeds and parameters: controllability and
-    CLIP scores with 95% bootstrap intervals, one MLflow run with a child per model, a comparison
-    table; with --promote, promotion by the numbers.
+    """Measure models on a held-out set with the same seeds and parameters; promote by the numbers.
 
-    Example: pixfleet eval pipelines_cfg/eval_tiny.yaml --promote champion
+    Controllability and CLIP scores with 95% bootstrap intervals, one MLflow run with a child per
+    model, a comparison table; with --promote ALIAS, the alias moves to the challenger when the
+    config's promotion rule passes.
+
+    Example: pixfleet eval pipelines_cfg/eval_sd15_canny.yaml --promote champion
 
     Exit codes: 0 done (promoted or not: see the table); 2 a config, source or model problem.
     """
@@ -325,8 +331,10 @@ def eval_models(
 
 @app.command()
 def gallery(output_dir: Annotated[str, typer.Argument(help="A generation job's sink.output_dir.")]) -> None:
-    """Write gallery.html (and pages after it) from the job's manifest.parquet: inputs, control
-    maps, outputs, prompts, seeds and failures side by side. Jobs write it when they end."""
+    """Write gallery.html (and pages after it) from a generation job's manifest.parquet.
+
+    Inputs, control maps, outputs, prompts, seeds and failures side by side. Jobs write it when
+    they end."""
     from pixfleet.generation.gallery import write_gallery
     from pixfleet.storage import Location
 
