@@ -113,3 +113,19 @@ def test_promote_is_refused_for_a_job_that_is_not_an_eval(tmp_path):
     result = runner.invoke(app, ["submit", "generate", str(config), "--promote", "champion"])
     assert result.exit_code == 2
     assert "--promote is an eval job's option, not a generate job's" in plain(result.output)
+
+
+def test_every_command_summary_is_one_line_and_each_example_config_is_shipped():
+    import re
+
+    from tests.config.test_loading import PIPELINES_CFG
+
+    commands = ["generate", "annotate", "eval", "gallery", "train", "serve", "submit"]
+    examples = []
+    for group in ([], ["models"], ["data"], ["jobs"], ["config"]):
+        listing = runner.invoke(app, [*group, "--help"], env={"COLUMNS": "400"}).output
+        rows = listing[listing.index("Commands") :].splitlines()[1:-1]
+        assert all(not row.startswith("│  ") for row in rows), listing  # a summary's second line
+    for command in commands:
+        examples += re.findall(r"pipelines_cfg/(\S+\.yaml)", runner.invoke(app, [command, "--help"]).output)
+    assert examples and all((PIPELINES_CFG / name).is_file() for name in examples), examples
