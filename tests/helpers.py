@@ -211,9 +211,11 @@ def upload(folder: Path, uri: str) -> str:
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")  # headless pages: the galleries
 
 
-def rendered_dom(page: Path | str) -> str:
+def rendered_dom(page: Path | str, virtual_time_s: int = 10) -> str:
     """The DOM of a page (a file, or a URL) once it has loaded and its scripts' requests have
-    been answered, as headless Chromium renders it (all rows in view)."""
+    been answered, as headless Chromium renders it (all rows in view). Its timers run on
+    virtual time, which stands still while a request is pending: `virtual_time_s` bounds what
+    they may wait in all."""
     result = subprocess.run(
         [
             CHROMIUM,
@@ -222,7 +224,7 @@ def rendered_dom(page: Path | str) -> str:
             "--disable-gpu",
             "--allow-file-access-from-files",
             "--window-size=1600,20000",
-            "--virtual-time-budget=10000",
+            f"--virtual-time-budget={virtual_time_s * 1000}",
             "--dump-dom",
             page if isinstance(page, str) else page.as_uri(),
         ],

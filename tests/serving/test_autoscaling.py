@@ -3,7 +3,8 @@ after a cold start, load raises its replicas to the maximum (each replica holds 
 four clients keep both busy), the replica removed when the load falls answers the request it
 holds, idleness takes them back to zero, and no request fails on the way; replicas take their
 engine processes with them, and Ray's metrics endpoint counts it all. A model whose cold start
-outlasts its limit answers 503 with Retry-After, and a client that honours it is answered."""
+outlasts its limit answers 503 with Retry-After, and a client that honours it (the playground
+page, too) is answered."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import httpx
 import psutil
 import pytest
 
+from tests.helpers import CHROMIUM, rendered_dom
 from tests.serving.conftest import serving_config
 from tests.serving.test_serving import controlnet_request
 
@@ -86,7 +88,8 @@ def wait_for(condition, timeout_s: float, what: str) -> float:
 @pytest.fixture(scope="module")
 def autoscaled(server, tiny_dir):
     """The tiny ControlNet, one request per replica at a time, scaled 0..2; beside it the same
-    model scaled 0..1 with a cold-start limit far below its replica's start."""
+    model twice more, scaled 0..1 with a cold-start limit far below a replica's start (one for
+    an HTTP client, one for the playground page)."""
     from ray import serve
 
     from pixfleet.serving.app import build_app
@@ -101,12 +104,12 @@ def autoscaled(server, tiny_dir):
         "max_ongoing_requests": 1,
         "spare_engine": False,
     }
-    cold = model | {
-        "name": "tiny-cold",
+    cold = {
         "autoscaling": AUTOSCALING | {"max_replicas": 1, "downscale_to_zero_delay_s": 30},
         "cold_start_timeout_s": 0.2,
     }
-    models = [type(config.models[0]).model_validate(m) for m in (model, cold)]
+    models = [model] + [model | cold | {"name": name} for name in ("tiny-cold", "tiny-cold-page")]
+    models = [type(config.models[0]).model_validate(m) for m in models]
     config = config.model_copy(update={"models": models})
     before = engine_processes()
     serve.run(build_app(config), name=APP, route_prefix=f"/{APP}")
@@ -207,3 +210,17 @@ def test_admission_follows_the_running_replicas(tiny_dir):
     assert _capacity(model, 0) == 16  # at zero, the queue: requests wait through the cold start
     assert _capacity(model, 2) == 2 * 8 + 16  # scaled up: not turned away at one replica's capacity
     assert _capacity(model, None) == 4 * 8 + 16  # Serve's controller not heard from: all it may scale to
+
+
+@pytest.mark.skipif(not CHROMIUM, reason="headless Chromium (the Debian package) is not installed")
+def test_the_playground_waits_through_a_cold_start_past_its_limit(autoscaled):
+    import re
+
+    url, _ = autoscaled
+    assert running_replicas("model-tiny-cold-page") == 0
+    # Its first request is refused after 0.2 s, long before a replica can start: the page asks again.
+    dom = rendered_dom(f"{url}/?model=tiny-cold-page&prompt=a%20circle&num_inference_steps=2&run=1", 700)
+    section = re.search(r'<section data-model="tiny-cold-page".*?</section>', dom, re.S).group(0)
+    result = re.search(r'<div class="result" data-status="(\d+)" data-waited="(\d+)">(.*?)</div>', section, re.S)
+    assert result and result.group(1) == "200", section[:3000]
+    assert int(result.group(2)) >= 1 and '<img src="data:image/png;base64,' in result.group(3)

@@ -485,9 +485,8 @@ def test_the_playground_runs_a_model_in_the_browser_through_the_api(server):
     dom = rendered_dom(
         f"{server.url}/main/?model=tiny-controlnet&prompt=a%20circle&seed=7&num_inference_steps=3&run=1"
     )
-    result = re.search(
-        r'<section data-model="tiny-controlnet"[^>]*>.*?<div class="result" data-status="(\d+)">(.*?)</div>', dom, re.S
-    )
+    section = r'<section data-model="tiny-controlnet"[^>]*>.*?'
+    result = re.search(section + r'<div class="result" data-status="(\d+)" data-waited="0">(.*?)</div>', dom, re.S)
     assert result and result.group(1) == "200", dom[dom.find("<section") :][:3000]
     assert len(re.findall(r'<img src="data:image/png;base64,', result.group(2))) == 1
     assert '"seed": 7' in result.group(2) and '"num_inference_steps": 3' in result.group(2)
@@ -497,4 +496,4 @@ def test_the_playground_runs_a_model_in_the_browser_through_the_api(server):
     with server.client("/tight") as client:
         assert 'id="key"' in client.get("/").text
     dom = rendered_dom(f"{server.url}/tight/?model=tiny-controlnet&run=1")
-    assert re.search(r'data-status="401"><p class="error">401: ', dom), dom[-3000:]
+    assert re.search(r'data-status="401" data-waited="0"><p class="error">401: ', dom), dom[-3000:]

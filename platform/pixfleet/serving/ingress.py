@@ -200,7 +200,8 @@ class Ingress:
         row = await asyncio.to_thread(control_row, served, self.config.limits, images, size, request.detector)
         if request.detector:
             row[DEADLINE] = time.time() + self.config.limits.request_timeout_s
-            result = await self.handles[served.name].detect.remote(row)
+            cold = await self.replicas.of(served.name) == 0
+            result = await self._result(served, self.handles[served.name].detect.remote(row), row[DEADLINE], cold)
             if "error" in result:
                 raise ApiError(500, result["message"])
             row = result["maps"]

@@ -5,8 +5,9 @@ guidance, the model's detectors); each image chosen is shown, and before generat
 maps the pipeline will get (`/v1/control-maps/upload`: the model's `control`, or the detector
 chosen, run in the engine). The form then calls the API's own `/v1/generate/upload` route (the
 page adds nothing the API does not do) and shows the image with the parameters the server
-resolved, or the API's error. With an API key set, the
-page asks for it and sends it as the API wants it (Bearer); the page itself holds no secret.
+resolved, or the API's error; a model starting a replica (503 with Retry-After) is asked again
+after the seconds it names. With an API key set, the page asks for it and sends it as the API
+wants it (Bearer); the page itself holds no secret.
 Everything is inline: no external script, style or font.
 
 A link can fill a form and run it: `/?model=NAME&prompt=...&seed=7&run=1`; images not chosen
@@ -102,9 +103,20 @@ async function generate(section) {
   const chosen = await images(section);
   if (Number(section.dataset.controlnets) > 0) await showMaps(section, params, chosen);
   result.textContent = "generating...";
-  const response = await post("/v1/generate/upload", params, chosen, false);
+  let response = await post("/v1/generate/upload", params, chosen, false);
+  // A model scaled to zero answers 503 with Retry-After while its replica starts: wait and ask
+  // again, for ten minutes at most.
+  let waited = 0;
+  while (response.status === 503 && response.headers.has("Retry-After") && waited < 600) {
+    const seconds = Number(response.headers.get("Retry-After"));
+    result.textContent = `the model is starting a replica; asking again in ${seconds} s...`;
+    await new Promise(resolve => setTimeout(resolve, seconds * 1000));
+    waited += seconds;
+    response = await post("/v1/generate/upload", params, chosen, false);
+  }
   const answer = await response.json();
   result.dataset.status = response.status;
+  result.dataset.waited = waited;
   result.textContent = "";
   if (!response.ok) {
     const error = document.createElement("p");
