@@ -150,21 +150,43 @@ def test_verbose_routes_nothing(tmp_path):
     assert not list(tmp_path.glob("*.log"))
 
 
-def test_diffusers_empty_float32_warning_is_dropped_and_a_named_one_kept(monkeypatch):
+def test_library_notices_that_ask_nothing_are_dropped_and_their_neighbours_kept(monkeypatch):
+    """diffusers' float32 warning naming no module, torch's "No CUDA runtime" on a CPU run and
+    torch.distributed's deprecation of the all-gather DeepSpeed calls; not the warnings beside them."""
     import logging.handlers
+    import warnings
 
-    from pixfleet.console import quiet_model_loading
+    from pixfleet.console import quiet_libraries
 
     monkeypatch.delenv("PIXFLEET_VERBOSE", raising=False)
-    quiet_model_loading()
-    logger = logging.getLogger("diffusers.models.modeling_utils")
+    quiet_libraries()
     handler = logging.handlers.BufferingHandler(capacity=10)
-    logger.addHandler(handler)
+    loggers = [logging.getLogger(name) for name in ("diffusers.models.modeling_utils", "torch.utils.cpp_extension")]
+    for logger in loggers:
+        logger.addHandler(handler)
     try:
         for modules in ("[]", "['norm']"):
-            logger.warning(f"There are modules in AutoencoderKL that should be kept in float32: {modules}. Casting")
+            loggers[0].warning(f"There are modules in AutoencoderKL that should be kept in float32: {modules}. Cast")
+        loggers[1].warning("No CUDA runtime is found, using CUDA_HOME='%s'", "/usr/local")
+        loggers[1].warning("Error checking compiler version for c++")
     finally:
-        logger.removeHandler(handler)
+        for logger in loggers:
+            logger.removeHandler(handler)
     assert [record.getMessage() for record in handler.buffer] == [
-        "There are modules in AutoencoderKL that should be kept in float32: ['norm']. Casting"
+        "There are modules in AutoencoderKL that should be kept in float32: ['norm']. Cast",
+        "Error checking compiler version for c++",
+    ]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        quiet_libraries()  # its filter goes in front
+        for message, category in (
+            ("`torch.distributed.all_gather_into_tensor` is deprecated. Please use ...", FutureWarning),
+            ("`torch.distributed.reduce_scatter_tensor` is deprecated. Please use ...", FutureWarning),
+            ("`torch.distributed.all_reduce_coalesced` will be deprecated.", FutureWarning),
+            ("`torch.distributed.all_gather_into_tensor` is deprecated.", DeprecationWarning),
+        ):
+            warnings.warn(message, category, stacklevel=1)
+    assert [str(w.message) for w in caught] == [
+        "`torch.distributed.all_reduce_coalesced` will be deprecated.",
+        "`torch.distributed.all_gather_into_tensor` is deprecated.",
     ]

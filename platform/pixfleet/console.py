@@ -17,6 +17,7 @@ import re
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO, TextIO
@@ -75,24 +76,38 @@ def set_verbose(verbose: bool) -> None:
     if verbose:
         os.environ[VERBOSE_ENV] = "1"
     else:
-        # transformers' and huggingface_hub's bars ("Loading weights", downloads) follow this.
+        # transformers' and huggingface_hub's bars ("Loading weights", downloads) follow this,
+        # MLflow's artifact downloads the other.
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
-def quiet_model_loading() -> None:
-    """diffusers' "Loading pipeline components" bar off in this process (every actor and
-    replica would print one), and its empty float32 warning, unless verbose."""
-    if not os.environ.get(VERBOSE_ENV):
-        import diffusers
+def quiet_libraries() -> None:
+    """Unless verbose, in a process that loads models (every actor, replica and training rank):
+    diffusers' "Loading pipeline components" bar off, and the libraries' notices that ask
+    nothing of the user dropped (see the filters)."""
+    if os.environ.get(VERBOSE_ENV):
+        return
+    import diffusers
 
-        diffusers.utils.logging.disable_progress_bar()
-        logging.getLogger("diffusers.models.modeling_utils").addFilter(_no_empty_float32_warning)
+    diffusers.utils.logging.disable_progress_bar()
+    logging.getLogger("diffusers.models.modeling_utils").addFilter(_no_empty_float32_warning)
+    logging.getLogger("torch.utils.cpp_extension").addFilter(_no_cuda_runtime_notice)
+    # torch 2.14 deprecates collectives DeepSpeed's ZeRO calls (all_gather_into_tensor, ...):
+    # a warning per rank, about DeepSpeed's code.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
 
 def _no_empty_float32_warning(record: logging.LogRecord) -> bool:
     # The SDXL img2img and inpaint pipelines cast their VAE to float32 to encode each batch, and
     # diffusers then warns that "modules ... should be kept in float32: []": it names none.
     return "should be kept in float32: []." not in record.getMessage()
+
+
+def _no_cuda_runtime_notice(record: logging.LogRecord) -> bool:
+    # torch's extension builder (DeepSpeed imports it) on a machine with a CUDA toolkit and no
+    # GPU, which is a CPU run: a job that asks for GPUs it lacks fails with its own error.
+    return not record.getMessage().startswith("No CUDA runtime is found")
 
 
 def is_chatter(line: bytes) -> bool:

@@ -11,7 +11,7 @@ import torch
 from diffusers import ControlNetModel, MultiControlNetModel
 
 from pixfleet.config.model import ModelSpec
-from pixfleet.console import quiet_model_loading
+from pixfleet.console import quiet_libraries
 from pixfleet.errors import one_line
 from pixfleet.models.folders import ModelLoadError, check_model_folders, fetch_model_files
 from pixfleet.models.optimizations import apply_optimizations
@@ -73,7 +73,7 @@ def import_pipeline_classes() -> None:
 
 def load_pipeline(spec: ModelSpec) -> diffusers.DiffusionPipeline:
     """Load `spec` through `from_pretrained`, then apply scheduler, switches and adapters."""
-    quiet_model_loading()
+    quiet_libraries()
     spec = fetch_model_files(spec)
     check_model_folders(spec)
     info = task_info(spec.task)

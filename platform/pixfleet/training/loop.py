@@ -22,6 +22,7 @@ import torch
 
 from pixfleet.cluster import quiet_ray_data
 from pixfleet.config.training import ControlNetTrainingArgs, TrainingJobConfig
+from pixfleet.console import quiet_libraries
 from pixfleet.data.tables import TablePlan
 from pixfleet.storage import Location
 from pixfleet.tracking import format_duration
@@ -76,6 +77,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    quiet_libraries()
     inputs: LoopInputs = config["inputs"]
     job, args = inputs.job, with_local_models(inputs.job.train, inputs.registry_uri)
     context = ray.train.get_context()

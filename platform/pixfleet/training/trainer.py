@@ -46,7 +46,7 @@ class TrainingSummary:
     def render(self) -> str:
         lines = [
             f"steps              {self.steps}",
-            f"final loss         {self.final_loss if self.final_loss is not None else '-'}",
+            f"final loss         {'-' if self.final_loss is None else f'{self.final_loss:.4f}'}",
             f"controlnet         {self.output_dir}",
             f"last checkpoint    {self.checkpoint_path or '-'}",
             f"mlflow run         {self.mlflow_run_id or '-'}",
