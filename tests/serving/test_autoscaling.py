@@ -1,10 +1,10 @@
-"""Autoscaled serving on the session's Serve: a model at zero replicas answers its first request
-after a cold start, load raises its replicas to the maximum (each replica holds one request:
-four clients keep both busy), the replica removed when the load falls answers the request it
-holds, idleness takes them back to zero, and no request fails on the way; replicas take their
-engine processes with them, and Ray's metrics endpoint counts it all. A model whose cold start
-outlasts its limit answers 503 with Retry-After, and a client that honours it (the playground
-page, too) is answered."""
+"""Autoscaled serving on the session's Serve: a model at zero replicas is healthy without being
+woken by the health check, and answers its first request after a cold start; load raises its
+replicas to the maximum (each replica holds one request: four clients keep both busy), the
+replica removed when the load falls answers the request it holds, idleness takes them back to
+zero, and no request fails on the way; replicas take their engine processes with them, and
+Ray's metrics endpoint counts it all. A model whose cold start outlasts its limit answers 503
+with Retry-After, and a client that honours it (the playground page, too) is answered."""
 
 from __future__ import annotations
 
@@ -120,6 +120,11 @@ def autoscaled(server, tiny_dir):
 def test_replicas_follow_the_load_up_and_down_to_zero_answering_every_request(autoscaled):
     url, engines_before = autoscaled
     assert running_replicas() == 0 and engine_processes() == engines_before  # no replica, no GPU held
+    # A health check finds the idle model healthy without calling it: a call would start a replica.
+    health = httpx.get(f"{url}/healthz", timeout=30)
+    assert health.status_code == 200 and health.json()["models"]["tiny-controlnet"]["replicas"] == 0, health.text
+    time.sleep(2)  # what Serve (upscale_delay_s 0) would take to start one for a queued call
+    assert running_replicas() == 0
 
     first = httpx.post(f"{url}/v1/generate", json=controlnet_request(0, seed=1), timeout=120)
     assert first.status_code == 200, first.text  # queued through the cold start, not turned away

@@ -123,16 +123,24 @@ class Ingress:
 
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:
-        """200 when every model deployment answers within 5 s, else 503 naming the ones that did not."""
+        """200 when every model deployment answers within 5 s, else 503 naming the ones that did
+        not. A model scaled to zero is healthy and not asked: a probe would start a replica, and
+        a load balancer's health checks would then keep it up for good."""
 
-        async def probe(handle: DeploymentHandle) -> Any:
+        running = await self.replicas.all(max_age_s=0)
+
+        async def probe(served: ServedModelConfig) -> Any:
+            if running.get(served.name) == 0:
+                if served.autoscaling.min_replicas == 0:
+                    return {"model": served.name, "replicas": 0, "idle": "scaled to zero; a request starts a replica"}
+                return {"error": "no replica running"}
             try:
-                return await asyncio.wait_for(handle.ready.remote(), timeout=5)
+                return await asyncio.wait_for(self.handles[served.name].ready.remote(), timeout=5)
             except Exception as error:
                 return {"error": f"{type(error).__name__}: {error}".splitlines()[0]}
 
-        results = await asyncio.gather(*(probe(h) for h in self.handles.values()))
-        models = dict(zip(self.handles, results, strict=True))
+        results = await asyncio.gather(*(probe(served) for served in self.served.values()))
+        models = dict(zip(self.served, results, strict=True))
         healthy = all("error" not in r for r in models.values())
         body = {"status": "ok" if healthy else "unavailable", "models": models}
         return JSONResponse(body, status_code=200 if healthy else 503)

@@ -30,10 +30,13 @@ class RunningReplicas:
         self.lock = asyncio.Lock()
 
     async def of(self, model: str, max_age_s: float = MAX_AGE_S) -> int | None:
+        return (await self.all(max_age_s)).get(model)
+
+    async def all(self, max_age_s: float = MAX_AGE_S) -> dict[str, int]:
         async with self.lock:  # one read at a time; the requests that queue behind it share it
             if time.monotonic() - self.read_at > max_age_s:
                 await asyncio.to_thread(self._read)
-        return self.counts.get(model)
+        return self.counts
 
     def _read(self) -> None:
         self.read_at = time.monotonic()
